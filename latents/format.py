@@ -1,0 +1,239 @@
+"""The latent dataset format: the one owner of names, schemas, dtypes, shapes and encodings.
+
+Writer, reader, verifier and inspector all import from here. SPEC.md (beside this file) is the
+prose version; keep the two in step and bump FORMAT_VERSION on any incompatible change.
+
+Layout under a dataset root URL (local path, file://, s3://, gs://, memory://):
+
+    card.json          written last: "card exists" means "dataset complete"
+    manifest.parquet   one row per shard (SHARD_SCHEMA)
+    samples.parquet    one row per sample (SAMPLE_SCHEMA), ordered by shard, then position
+    shards/000000.tar  tar shards; per sample, in order:
+        {key}.latents.zst  one zstd frame per stored flip (flip 0 = image, flip 1 = its mirror),
+                           concatenated; each frame is an .npy file of shape (K, C, H, W) in the
+                           storage dtype, K = 2 (posterior mean, std) or 1 (one sampled latent)
+        {key}.cls          the class label, ASCII decimal
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "sit-latents"
+FORMAT_VERSION = 1
+
+CARD_NAME = "card.json"
+MANIFEST_NAME = "manifest.parquet"
+SAMPLES_NAME = "samples.parquet"
+SHARD_DIR = "shards"
+
+LATENTS_SUFFIX = ".latents.zst"
+LABEL_SUFFIX = ".cls"
+STORAGE_DTYPE = "float16"  # 2^-11 relative rounding: 16x finer than the bf16 used in training
+STORED_POSTERIOR = "posterior"  # K = 2: mean and std of the VAE posterior
+STORED_SAMPLE = "sample"  # K = 1: one sampled latent
+ZSTD_LEVEL = 3
+DEFAULT_SHARD_BYTES = 512 * 2**20  # target shard size (uncompressed estimate)
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-/]{1,88}$")  # no '.', so webdataset splits key/suffix right
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),  # shard index
+        ("name", pa.string()),  # path relative to the root, e.g. shards/000000.tar
+        ("num_samples", pa.int64()),
+        ("bytes", pa.int64()),  # file size
+        ("sha256", pa.string()),  # hex digest of the whole file
+        ("first_sample", pa.int64()),  # row of its first sample in samples.parquet
+    ]
+)
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int32()),
+        ("shard", pa.int32()),
+        ("offset", pa.int64()),  # byte offset of the .latents.zst member's data in the shard
+        ("size", pa.int32()),  # its size in bytes
+        ("flip_offset", pa.int32()),  # start of the flip-1 frame within the member (0: no flip stored)
+        ("key_hash", pa.uint64()),  # key_hash(key): seeds the per-sample flip and noise
+    ]
+)
+
+
+class DatasetError(Exception):
+    """Base class: something is wrong with a dataset; the message names the URL, shard or key."""
+
+
+class IncompleteDatasetError(DatasetError):
+    """The dataset has no card: still being written, or its writer failed."""
+
+
+class UnsupportedFormatError(DatasetError):
+    """The card's format or version is not one this code reads."""
+
+
+class ShardError(DatasetError):
+    """A shard (or a sample in it) is missing, truncated, corrupt or of the wrong shape."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/{index:06d}.tar"
+
+
+def key_hash(key: str) -> int:
+    """Stable 64-bit hash of a sample key (process- and platform-independent)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def check_key(key: str) -> str:
+    if not KEY_PATTERN.match(key):
+        raise ValueError(f"sample key {key!r} must match {KEY_PATTERN.pattern} (letters, digits, _ - /; no dots)")
+    return key
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What one stored sample holds."""
+
+    latent_shape: tuple[int, int, int]  # (C, H, W), e.g. (4, 32, 32) at 256 px
+    stored: str = STORED_POSTERIOR  # "posterior" (mean + std) or "sample"
+    flips: bool = True  # the horizontal mirror is stored too
+    storage_dtype: str = STORAGE_DTYPE
+
+    def __post_init__(self):
+        if self.stored not in (STORED_POSTERIOR, STORED_SAMPLE):
+            raise ValueError(f"stored must be {STORED_POSTERIOR!r} or {STORED_SAMPLE!r}, not {self.stored!r}")
+        if self.storage_dtype != STORAGE_DTYPE:
+            raise ValueError(f"storage dtype must be {STORAGE_DTYPE}, not {self.storage_dtype}")
+        object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
+
+    @property
+    def num_flips(self) -> int:
+        return 2 if self.flips else 1
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one flip's array: (K, C, H, W)."""
+        return (2 if self.stored == STORED_POSTERIOR else 1, *self.latent_shape)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape the writer accepts per sample: (F, K, C, H, W)."""
+        return (self.num_flips, *self.frame_shape)
+
+    @cached_property
+    def raw_sample_bytes(self) -> int:
+        return int(np.prod(self.sample_shape)) * np.dtype(self.storage_dtype).itemsize
+
+    @cached_property
+    def frame_bytes(self) -> int:
+        """Decompressed size of one flip's frame: .npy header + array."""
+        return len(self.npy_header) + self.raw_sample_bytes // self.num_flips
+
+    @cached_property
+    def npy_header(self) -> bytes:
+        """The exact .npy header every frame starts with (checks dtype and shape in one compare)."""
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, {"descr": np.dtype(self.storage_dtype).str, "fortran_order": False, "shape": self.frame_shape}
+        )
+        return buf.getvalue()
+
+    def samples_per_shard(self, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+        """Shard size by bytes: samples per shard from the uncompressed size (zstd only shrinks it)."""
+        return max(1, shard_bytes // self.raw_sample_bytes)
+
+
+@dataclass
+class DatasetCard:
+    """card.json: what the dataset is. Written last; its presence means the dataset is complete."""
+
+    resolution: int  # image side the latents were encoded from (256, 512)
+    latent_shape: list[int]  # (C, H, W)
+    stored: str  # "posterior" or "sample"
+    flips: bool  # horizontal mirrors stored
+    vae: str  # VAE id, e.g. stabilityai/sd-vae-ft-ema
+    scaling_factor: float  # from the VAE config; the reader multiplies latents by it
+    num_classes: int
+    num_samples: int
+    num_shards: int
+    total_bytes: int  # shard bytes
+    channel_mean: list[float]  # per-channel mean of the (unscaled) latent distribution
+    channel_std: list[float]  # per-channel std of it (posterior variance included)
+    source_fingerprint: str  # identifies the source images (set by the encoder)
+    tool_version: str  # what wrote it
+    storage_dtype: str = STORAGE_DTYPE
+    codec: str = f"zstd-{ZSTD_LEVEL}+npy"
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # free-form provenance (encoder settings, ...)
+
+    @property
+    def spec(self) -> LatentSpec:
+        return LatentSpec(tuple(self.latent_shape), self.stored, self.flips, self.storage_dtype)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "card.json") -> DatasetCard:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where}: not valid JSON ({err})") from None
+        if data.get("format") != FORMAT_NAME:
+            raise UnsupportedFormatError(f"{where}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{where}: format version {data.get('format_version')!r} is not supported "
+                f"(this code reads version {FORMAT_VERSION})"
+            )
+        names = set(cls.__dataclass_fields__)
+        missing = sorted(n for n in names if n not in data and cls.__dataclass_fields__[n].default is not None)
+        unknown = sorted(set(data) - names)
+        required = [n for n in missing if n not in ("storage_dtype", "codec", "extra")]
+        if required or unknown:
+            raise DatasetError(f"{where}: missing fields {required}, unknown fields {unknown}")
+        return cls(**data)
+
+
+# ---- sample encoding ----------------------------------------------------------------------------
+
+
+def encode_sample(array: np.ndarray, spec: LatentSpec, compressor) -> tuple[bytes, int]:
+    """(F, K, C, H, W) array -> (member bytes, flip_offset). ``compressor``: zstd.ZstdCompressor."""
+    if tuple(array.shape) != spec.sample_shape:
+        raise ValueError(f"sample shape {tuple(array.shape)} != expected {spec.sample_shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("sample contains NaN or inf")
+    array = np.ascontiguousarray(array, dtype=spec.storage_dtype)
+    header = spec.npy_header
+    frames = [compressor.compress(header + array[f].tobytes()) for f in range(spec.num_flips)]
+    return b"".join(frames), (len(frames[0]) if spec.flips else 0)
+
+
+def decode_frame(frame: bytes, spec: LatentSpec, decompressor) -> np.ndarray:
+    """One zstd frame -> (K, C, H, W) array in the storage dtype. Raises ValueError if bad."""
+    raw = decompressor.decompress(frame)  # zstd checks the frame's content checksum
+    header = spec.npy_header
+    if len(raw) != spec.frame_bytes or not raw.startswith(header):
+        raise ValueError(f"frame is not a {spec.storage_dtype} array of shape {spec.frame_shape}")
+    return np.frombuffer(raw, dtype=spec.storage_dtype, offset=len(header)).reshape(spec.frame_shape)
+
+
+def flip_frame(member: bytes, flip: int, flip_offset: int) -> bytes:
+    """The compressed frame of one flip within a .latents.zst member."""
+    if flip == 0:
+        return member[:flip_offset] if flip_offset else member
+    return member[flip_offset:]
+
+
+def label_bytes(label: int) -> bytes:
+    return str(int(label)).encode()

@@ -1,0 +1,370 @@
+"""Writing latent datasets: deterministic shards, atomic publication, manifest and card last.
+
+Two ways in:
+
+* `DatasetWriter`, a context manager for sequential writing: ``add()`` samples; shards are cut
+  every ``samples_per_shard`` samples; leaving the block without an error writes
+  samples.parquet, manifest.parquet and finally card.json.
+* `write_shard` + `finalize` for parallel encoders: each task writes whole shards by index and
+  returns their `ShardInfo`; one process finalizes. `shard_committed` / `read_shard_info` let a
+  rerun skip (and account for) shards that are already committed.
+
+The same samples in the same order give byte-identical shards (fixed tar headers, fixed zstd
+level, no timestamps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from latents.format import (
+    CARD_NAME,
+    DEFAULT_SHARD_BYTES,
+    LABEL_SUFFIX,
+    LATENTS_SUFFIX,
+    MANIFEST_NAME,
+    SAMPLE_SCHEMA,
+    SAMPLES_NAME,
+    SHARD_SCHEMA,
+    ZSTD_LEVEL,
+    DatasetCard,
+    DatasetError,
+    LatentSpec,
+    ShardError,
+    check_key,
+    decode_frame,
+    encode_sample,
+    flip_frame,
+    key_hash,
+    label_bytes,
+    shard_name,
+)
+from latents.storage import Root
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar record size: archives are padded to a multiple of it
+
+
+def tool_version() -> str:
+    try:
+        return f"sit-pipeline {version('sit-pipeline')}"
+    except PackageNotFoundError:
+        return "sit-pipeline (not installed)"
+
+
+@dataclass
+class ShardInfo:
+    """A committed shard: its manifest row, its samples' rows and latent statistics."""
+
+    index: int
+    num_bytes: int
+    sha256: str
+    keys: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    flip_offsets: list[int] = field(default_factory=list)
+    # per-channel sums over every stored flip: latent mean, its square, posterior variance
+    sum_mean: np.ndarray | None = None
+    sum_sq: np.ndarray | None = None
+    sum_var: np.ndarray | None = None
+    count: int = 0  # values per channel summed
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+class _ShardBuilder:
+    """Accumulates one shard's tar bytes in memory, with its index rows and statistics."""
+
+    def __init__(self, index: int, spec: LatentSpec):
+        self.spec = spec
+        self.buf = io.BytesIO()
+        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
+        c = spec.latent_shape[0]
+        self.info = ShardInfo(index, 0, "", sum_mean=np.zeros(c), sum_sq=np.zeros(c), sum_var=np.zeros(c))
+
+    def _member(self, name: str, data: bytes) -> int:
+        self.buf.write(_tar_header(name, len(data)))
+        offset = self.buf.tell()
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % BLOCK))
+        return offset
+
+    def add(self, key: str, label: int, array: np.ndarray) -> None:
+        check_key(key)
+        member, flip_offset = encode_sample(array, self.spec, self.compressor)
+        info = self.info
+        info.offsets.append(self._member(key + LATENTS_SUFFIX, member))
+        self._member(key + LABEL_SUFFIX, label_bytes(label))
+        info.keys.append(key)
+        info.labels.append(int(label))
+        info.sizes.append(len(member))
+        info.flip_offsets.append(flip_offset)
+        _accumulate(info, np.asarray(array, dtype=self.spec.storage_dtype), self.spec)
+
+    def finish(self) -> bytes:
+        self.buf.write(b"\0" * (2 * BLOCK))
+        self.buf.write(b"\0" * (-self.buf.tell() % RECORD))
+        data = self.buf.getvalue()
+        self.info.num_bytes = len(data)
+        self.info.sha256 = hashlib.sha256(data).hexdigest()
+        return data
+
+
+def _accumulate(info: ShardInfo, array: np.ndarray, spec: LatentSpec) -> None:
+    # array: (F, K, C, H, W) in storage dtype; statistics in float64
+    x = array.astype(np.float64)
+    mean = x[:, 0]  # (F, C, H, W)
+    info.sum_mean += mean.sum(axis=(0, 2, 3))
+    info.sum_sq += (mean**2).sum(axis=(0, 2, 3))
+    if spec.frame_shape[0] == 2:
+        info.sum_var += (x[:, 1] ** 2).sum(axis=(0, 2, 3))
+    info.count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+
+
+def write_shard(
+    root: Root | str, index: int, samples: Iterable[tuple[str, int, np.ndarray]], spec: LatentSpec
+) -> ShardInfo:
+    """Write shard ``index`` from (key, label, (F, K, C, H, W) array) triples; atomically."""
+    root = Root(root) if isinstance(root, str) else root
+    builder = _ShardBuilder(index, spec)
+    for key, label, array in samples:
+        builder.add(key, label, array)
+    if not builder.info.keys:
+        raise ValueError(f"shard {index} has no samples")
+    root.publish_bytes(shard_name(index), builder.finish())
+    return builder.info
+
+
+def shard_committed(root: Root | str, index: int) -> bool:
+    root = Root(root) if isinstance(root, str) else root
+    return root.exists(shard_name(index))
+
+
+def read_shard_info(root: Root | str, index: int, spec: LatentSpec) -> ShardInfo:
+    """Rebuild a committed shard's `ShardInfo` from its bytes (to adopt it on a rerun)."""
+    root = Root(root) if isinstance(root, str) else root
+    name = shard_name(index)
+    data = root.read_bytes(name)
+    c = spec.latent_shape[0]
+    info = ShardInfo(index, len(data), hashlib.sha256(data).hexdigest())
+    info.sum_mean, info.sum_sq, info.sum_var = np.zeros(c), np.zeros(c), np.zeros(c)
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = [m for m in tar if m.isfile()]
+    except tarfile.TarError as err:
+        raise ShardError(f"{root.url_of(name)}: not a readable tar ({err})") from None
+    for latents, label in zip(members[::2], members[1::2], strict=True):
+        key = latents.name.removesuffix(LATENTS_SUFFIX)
+        if not latents.name.endswith(LATENTS_SUFFIX) or label.name != key + LABEL_SUFFIX:
+            raise ShardError(f"{root.url_of(name)}: unexpected members {latents.name!r}, {label.name!r}")
+        member = data[latents.offset_data : latents.offset_data + latents.size]
+        flip_offset = _first_frame_size(member) if spec.flips else 0
+        frames = [flip_frame(member, f, flip_offset) for f in range(spec.num_flips)]
+        try:
+            array = np.stack([decode_frame(fr, spec, decompressor) for fr in frames])
+        except (ValueError, zstandard.ZstdError) as err:
+            raise ShardError(f"{root.url_of(name)}: sample {key}: {err}") from None
+        info.keys.append(key)
+        info.labels.append(int(data[label.offset_data : label.offset_data + label.size]))
+        info.offsets.append(latents.offset_data)
+        info.sizes.append(latents.size)
+        info.flip_offsets.append(flip_offset)
+        _accumulate(info, array, spec)
+    return info
+
+
+def _first_frame_size(member: bytes) -> int:
+    obj = zstandard.ZstdDecompressor().decompressobj()
+    obj.decompress(member)
+    return len(member) - len(obj.unused_data)
+
+
+def finalize(
+    root: Root | str,
+    shards: list[ShardInfo],
+    *,
+    spec: LatentSpec,
+    resolution: int,
+    vae: str,
+    scaling_factor: float,
+    num_classes: int,
+    source_fingerprint: str = "",
+    extra: dict | None = None,
+) -> DatasetCard:
+    """Write samples.parquet, manifest.parquet and, last, card.json for committed shards."""
+    root = Root(root) if isinstance(root, str) else root
+    shards = sorted(shards, key=lambda s: s.index)
+    indices = [s.index for s in shards]
+    if indices != list(range(len(shards))):
+        raise DatasetError(f"{root.url}: shard indices must be 0..{len(shards) - 1} once each, got {indices}")
+    keys = [k for s in shards for k in s.keys]
+    if len(set(keys)) != len(keys):
+        seen, dupes = set(), []
+        for k in keys:
+            if k in seen:
+                dupes.append(k)
+            seen.add(k)
+        raise DatasetError(f"{root.url}: duplicate sample keys: {dupes[:10]} ({len(dupes)} in all)")
+    labels = [label for s in shards for label in s.labels]
+    bad = [(k, lab) for k, lab in zip(keys, labels, strict=True) if not 0 <= lab < num_classes]
+    if bad:
+        raise DatasetError(f"{root.url}: labels outside [0, {num_classes}): {bad[:10]}")
+
+    samples = pa.table(
+        {
+            "key": keys,
+            "label": labels,
+            "shard": [s.index for s in shards for _ in s.keys],
+            "offset": [o for s in shards for o in s.offsets],
+            "size": [z for s in shards for z in s.sizes],
+            "flip_offset": [f for s in shards for f in s.flip_offsets],
+            "key_hash": [key_hash(k) for k in keys],
+        },
+        schema=SAMPLE_SCHEMA,
+    )
+    first = np.cumsum([0] + [s.num_samples for s in shards])[:-1]
+    manifest = pa.table(
+        {
+            "shard": indices,
+            "name": [s.name for s in shards],
+            "num_samples": [s.num_samples for s in shards],
+            "bytes": [s.num_bytes for s in shards],
+            "sha256": [s.sha256 for s in shards],
+            "first_sample": first.tolist(),
+        },
+        schema=SHARD_SCHEMA,
+    )
+    count = sum(s.count for s in shards)
+    mean = sum(s.sum_mean for s in shards) / count
+    var = sum(s.sum_sq for s in shards) / count - mean**2 + sum(s.sum_var for s in shards) / count
+    card = DatasetCard(
+        resolution=int(resolution),
+        latent_shape=list(spec.latent_shape),
+        stored=spec.stored,
+        flips=spec.flips,
+        vae=vae,
+        scaling_factor=float(scaling_factor),
+        num_classes=int(num_classes),
+        num_samples=len(keys),
+        num_shards=len(shards),
+        total_bytes=int(sum(s.num_bytes for s in shards)),
+        channel_mean=[round(float(v), 6) for v in mean],
+        channel_std=[round(float(v), 6) for v in np.sqrt(np.maximum(var, 0))],
+        source_fingerprint=source_fingerprint,
+        tool_version=tool_version(),
+        extra=extra or {},
+    )
+    root.publish_bytes(SAMPLES_NAME, _parquet_bytes(samples))
+    root.publish_bytes(MANIFEST_NAME, _parquet_bytes(manifest))
+    root.publish_bytes(CARD_NAME, card.to_json().encode())
+    return card
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class DatasetWriter:
+    """Sequential writer: ``with DatasetWriter(url, spec, ...) as w: w.add(key, label, array)``.
+
+    Shards hold ``samples_per_shard`` samples (default: from ``shard_bytes``, see
+    `LatentSpec.samples_per_shard`). A shard already committed under its name is adopted, not
+    rewritten, if it holds the same keys; so a rerun after a crash rewrites only what is missing.
+    The card is written on a clean exit only: an exception leaves the dataset incomplete.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        spec: LatentSpec,
+        *,
+        resolution: int,
+        vae: str,
+        scaling_factor: float,
+        num_classes: int,
+        source_fingerprint: str = "",
+        samples_per_shard: int | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        extra: dict | None = None,
+        storage_options: dict | None = None,
+    ):
+        self.root = Root(url, storage_options)
+        self.spec = spec
+        self.samples_per_shard = samples_per_shard or spec.samples_per_shard(shard_bytes)
+        self.card_fields = {
+            "resolution": resolution,
+            "vae": vae,
+            "scaling_factor": scaling_factor,
+            "num_classes": num_classes,
+            "source_fingerprint": source_fingerprint,
+            "extra": extra,
+        }
+        self.shards: list[ShardInfo] = []
+        self.adopted: list[int] = []  # shards found committed and kept
+        self._pending: list[tuple[str, int, np.ndarray]] = []
+        self.card: DatasetCard | None = None
+
+    def __enter__(self) -> DatasetWriter:
+        if self.root.exists(CARD_NAME):
+            raise DatasetError(f"{self.root.url}: a complete dataset is already there (card.json exists)")
+        return self
+
+    def add(self, key: str, label: int, array: np.ndarray) -> None:
+        """Add one sample: ``array`` of shape (F, K, C, H, W) (see `LatentSpec.sample_shape`)."""
+        self._pending.append((check_key(key), int(label), array))
+        if len(self._pending) == self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        index = len(self.shards)
+        if shard_committed(self.root, index):
+            info = read_shard_info(self.root, index, self.spec)
+            expected = [k for k, _, _ in self._pending]
+            if info.keys != expected:
+                raise DatasetError(
+                    f"{self.root.url_of(info.name)} is committed with other samples than this run's "
+                    f"(first keys {info.keys[:3]} vs {expected[:3]}): write to a new URL or remove it"
+                )
+            self.adopted.append(index)
+        else:
+            info = write_shard(self.root, index, self._pending, self.spec)
+        self.shards.append(info)
+        self._pending = []
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            return False
+        if self._pending:
+            self._flush()
+        if not self.shards:
+            raise DatasetError(f"{self.root.url}: no samples were added")
+        self.card = finalize(self.root, self.shards, spec=self.spec, **self.card_fields)
+        return False
