@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latents import cli as latents_cli
 from sampling import cli as sampling_cli
 from trainer import cli as trainer_cli
 
-REGISTRARS = (sampling_cli.register, trainer_cli.register)
+REGISTRARS = (sampling_cli.register, latents_cli.register, trainer_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,69 @@
+"""`sit inspect URL` and `sit verify URL`: look at and check a latent dataset.
+
+URLs are local paths or fsspec URLs (file://, s3://, gs://, memory://). For S3-compatible
+stores set AWS_ENDPOINT_URL and the usual AWS_* credentials; for GCS, the usual Google
+application credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from latents.format import DatasetError
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from latents.summary import format_summary, summarize
+
+    try:
+        summary = summarize(args.url)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(format_summary(summary))
+        if args.histogram:
+            for label, count in enumerate(summary["class_histogram"]):
+                print(f"  class {label:>5}: {count:,}")
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from latents.verify import verify
+
+    report = verify(args.url, workers=args.workers, progress=not args.quiet)
+    if report.ok:
+        print(f"OK: {report.url}: {report.shards_checked} shards, {report.samples_checked:,} samples verified")
+        return 0
+    print(f"FAILED: {report.url}: {len(report.problems)} problems", file=sys.stderr)
+    for problem in report.problems[: args.max_problems]:
+        print(f"  - {problem}", file=sys.stderr)
+    if len(report.problems) > args.max_problems:
+        print(f"  ... and {len(report.problems) - args.max_problems} more", file=sys.stderr)
+    return 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show a latent dataset's card, counts, classes and size", description=__doc__
+    )
+    p.add_argument("url", help="dataset root (path, file://, s3://, gs://, memory://)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--histogram", action="store_true", help="also print the count of every class")
+    p.set_defaults(func=inspect_command)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="check every shard checksum and every sample of a latent dataset",
+        description=__doc__ + "\nExits 0 if the dataset is intact, 1 listing every problem found.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", help="dataset root (path, file://, s3://, gs://, memory://)")
+    p.add_argument("--workers", type=int, default=4, help="shards checked concurrently (default: %(default)s)")
+    p.add_argument("--max-problems", type=int, default=50, help="problems to list (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=verify_command)

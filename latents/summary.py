@@ -1,0 +1,58 @@
+"""`sit inspect`: what a latent dataset holds - its card, counts, classes and storage size."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latents.dataset import LatentIndex
+from latents.format import CARD_NAME, MANIFEST_NAME, SAMPLES_NAME
+
+
+def summarize(url: str, storage_options: dict | None = None) -> dict:
+    """A JSON-able summary of the dataset at ``url`` (raises DatasetError if it is not complete)."""
+    index = LatentIndex.open(url, storage_options)
+    card, spec = index.card, index.card.spec
+    labels = index.sample_column("label")
+    histogram = np.bincount(labels, minlength=card.num_classes)
+    per_shard = index.shard_column("num_samples")
+    index_bytes = sum(index.root.size(n) for n in (CARD_NAME, MANIFEST_NAME, SAMPLES_NAME))
+    return {
+        "url": index.root.url,
+        "card": {k: v for k, v in vars(card).items() if k not in ("channel_mean", "channel_std")},
+        "channel_mean": card.channel_mean,
+        "channel_std": card.channel_std,
+        "samples": card.num_samples,
+        "shards": card.num_shards,
+        "samples_per_shard": {"min": int(per_shard.min()), "max": int(per_shard.max())},
+        "classes_present": int((histogram > 0).sum()),
+        "class_histogram": histogram.tolist(),
+        "class_count": {"min": int(histogram.min()), "max": int(histogram.max()), "mean": float(histogram.mean())},
+        "shard_bytes": card.total_bytes,
+        "index_bytes": index_bytes,
+        "bytes_per_sample": card.total_bytes / card.num_samples,
+        "raw_bytes_per_sample": spec.raw_sample_bytes,
+        "compression_ratio": spec.raw_sample_bytes * card.num_samples / card.total_bytes,
+    }
+
+
+def format_summary(s: dict) -> str:
+    card = s["card"]
+    gib = 2**30
+    lines = [
+        f"{s['url']}",
+        f"  format        {card['format']} v{card['format_version']}, written by {card['tool_version']}",
+        f"  latents       {card['stored']} {card['storage_dtype']} {tuple(card['latent_shape'])} "
+        f"from {card['resolution']} px images, flips {'stored' if card['flips'] else 'not stored'}",
+        f"  vae           {card['vae']} (scaling factor {card['scaling_factor']}, applied by the reader)",
+        f"  samples       {s['samples']:,} in {s['shards']:,} shards "
+        f"({s['samples_per_shard']['min']:,}-{s['samples_per_shard']['max']:,} per shard)",
+        f"  classes       {s['classes_present']:,} of {card['num_classes']:,} present; per class "
+        f"min {s['class_count']['min']:,}, mean {s['class_count']['mean']:,.1f}, max {s['class_count']['max']:,}",
+        f"  storage       {s['shard_bytes'] / gib:,.3f} GiB of shards + {s['index_bytes'] / 2**20:,.2f} MiB index; "
+        f"{s['bytes_per_sample']:,.0f} B/sample ({s['raw_bytes_per_sample']:,} B raw, "
+        f"compression ratio {s['compression_ratio']:.3f})",
+        f"  channel mean  {', '.join(f'{v:+.4f}' for v in s['channel_mean'])}",
+        f"  channel std   {', '.join(f'{v:.4f}' for v in s['channel_std'])}",
+        f"  source        {card['source_fingerprint'] or '(not recorded)'}",
+    ]
+    return "\n".join(lines)
