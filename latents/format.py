@@ -41,7 +41,7 @@ STORAGE_DTYPE = "float16"  # 2^-11 relative rounding: 16x finer than the bf16 us
 STORED_POSTERIOR = "posterior"  # K = 2: mean and std of the VAE posterior
 STORED_SAMPLE = "sample"  # K = 1: one sampled latent
 ZSTD_LEVEL = 3
-DEFAULT_SHARD_BYTES = 512 * 2**20  # target shard size (uncompressed estimate)
+DEFAULT_SHARD_BYTES = 256 * 2**20  # target shard size (uncompressed estimate)
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-/]{1,88}$")  # no '.', so webdataset splits key/suffix right
 
 SHARD_SCHEMA = pa.schema(

@@ -62,6 +62,9 @@ class _Chunk:
 class LatentDataset(IterableDataset):
     """Batches of (scaled) latents from a latent dataset URL.
 
+    Iterate it through `LatentLoader` (which adds epochs and resume), or through a DataLoader
+    with ``batch_size=None`` after setting ``epoch`` (and ``start_batch`` to skip batches).
+
     Each batch is a dict: ``latents`` float32 (b, C, H, W), ``labels`` int64 (b,), ``flips``
     bool (b,), ``keys`` list of str, ``skipped`` list of (key, reason). b = batch_size except
     where ``bad_shard="skip"`` dropped samples.
@@ -133,8 +136,7 @@ class LatentDataset(IterableDataset):
         self._keys = idx.samples.column("key").combine_chunks()
         # set by LatentLoader (or by hand) before iterating
         self.epoch = 0
-        self.start_batch = 0
-        self.workers = 1  # logical workers the epoch's plan is dealt to (= DataLoader workers, or 1)
+        self.start_batch = 0  # rank-level batches of this epoch already consumed
 
     def __len__(self) -> int:
         return self.num_batches
@@ -144,8 +146,6 @@ class LatentDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.workers:
-            raise RuntimeError(f"dataset planned for {self.workers} workers but runs in {workers}")
         logical, first_batch = resume_assignment(self.start_batch, workers, physical)
         plan = worker_plan(
             self._first,
@@ -307,7 +307,7 @@ class LatentLoader:
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
         ds = self.dataset
-        ds.epoch, ds.start_batch, ds.workers = self.epoch, self.batch, max(1, self.num_workers)
+        ds.epoch, ds.start_batch = self.epoch, self.batch
         loader = DataLoader(
             ds,
             batch_size=None,

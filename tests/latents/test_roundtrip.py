@@ -100,3 +100,25 @@ def test_other_stored_kinds(tmp_path, stored, flips):
             assert flips or not flip
             if stored == "sample":  # no posterior to sample from: the stored latent itself
                 assert torch.equal(z, torch.from_numpy(array[int(flip), 0]).float().mul_(SCALE))
+
+
+def test_shards_read_as_plain_webdataset(dataset, samples):
+    """Interoperability: webdataset sees one sample per key with .latents.zst and .cls members."""
+    import webdataset as wds
+
+    from latents.format import LatentSpec
+
+    spec = LatentSpec((4, 8, 8))
+    index = LatentIndex.open(dataset)
+    flip_offsets = dict(
+        zip(index.samples.column("key").to_pylist(), index.sample_column("flip_offset").tolist(), strict=True)
+    )
+    urls = [f"{dataset}/{name}" for name in index.shards.column("name").to_pylist()]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        assert int(sample["cls"]) == samples[key][0]
+        frame = flip_frame(sample["latents.zst"], 1, flip_offsets[key])
+        assert np.array_equal(decode_frame(frame, spec, zstandard.ZstdDecompressor()), samples[key][1][1])
+        seen += 1
+    assert seen == len(samples)
