@@ -62,11 +62,10 @@ class WorkerPlan:
         return len(self.rows) // self.batch_size
 
     def windows(self, start_batch: int = 0):
-        """(window index, rows of that window, first local batch to emit from it) from start_batch on."""
+        """(rows of a window, batches of it to skip) for each window from local batch start_batch on."""
         per_window = self.window // self.batch_size
         for w in range(start_batch // per_window, -(-self.num_batches // per_window)):
-            skip = max(0, start_batch - w * per_window)
-            yield w, self.rows[w * self.window : (w + 1) * self.window], skip
+            yield self.rows[w * self.window : (w + 1) * self.window], max(0, start_batch - w * per_window)
 
 
 def worker_plan(

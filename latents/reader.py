@@ -164,11 +164,11 @@ class LatentDataset(IterableDataset):
         if not windows:
             return
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="latent-read") as pool:
-            pending = self._fetch(pool, windows[0][1])
-            for i, (_, rows, skip) in enumerate(windows):
+            pending = self._fetch(pool, windows[0][0])
+            for i, (rows, skip) in enumerate(windows):
                 fetched = pending
                 if i + 1 < len(windows):  # read ahead while this window is decoded
-                    pending = self._fetch(pool, windows[i + 1][1])
+                    pending = self._fetch(pool, windows[i + 1][0])
                 buffers, errors = self._collect(fetched)
                 for b in range(skip, len(rows) // self.batch_size):
                     yield self._decode(rows[b * self.batch_size : (b + 1) * self.batch_size], buffers, errors)

@@ -25,7 +25,7 @@ from latents.reader import LatentDataset, LatentLoader
 from latents.storage import Root, StorageError, retry
 from latents.verify import verify
 from latents.writer import ShardInfo, finalize
-from tests.latents.conftest import SPEC, make_samples, write_dataset
+from tests.latents.conftest import make_samples, write_dataset
 
 
 def read_all(url: str, **kw) -> LatentLoader:
@@ -233,7 +233,3 @@ def test_unreachable_store_gives_an_error_naming_the_shard(tmp_path):
             os.environ.pop("AWS_ENDPOINT_URL")
         else:
             os.environ["AWS_ENDPOINT_URL"] = saved
-
-
-def test_spec_of_crafted_dataset_is_the_declared_one(tmp_path):
-    assert SPEC.frame_shape == (2, 4, 8, 8)
