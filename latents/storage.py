@@ -3,7 +3,7 @@
 * `Root`: a dataset root URL with its filesystem; joins relative names.
 * `retry`: bounded retries with exponential backoff on transient errors; the final error names
   what was being done.
-* `publish_bytes` / `Root.open_temp`: atomic publication - write under a temporary name, then
+* `Root.publish_bytes`: atomic publication - write under a temporary name, then
   move to the final name, so nothing half-written ever carries a final name.
 """
 
@@ -121,6 +121,3 @@ class Root:
     def makedirs_for(self, name: str) -> None:
         parent = self.full(name).rsplit("/", 1)[0]
         retry(lambda: self.fs.makedirs(parent, exist_ok=True), f"creating {parent}", self.attempts)
-
-    def remove(self, name: str) -> None:
-        retry(lambda: self.fs.rm_file(self.full(name)), f"removing {self.url_of(name)}", self.attempts)

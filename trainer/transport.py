@@ -239,13 +239,6 @@ class Transport:
             return out
         return self.velocity_and_score(out, x, t)[0]
 
-    def score(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        if self.prediction is Prediction.SCORE:
-            return out
-        if self.prediction is Prediction.NOISE:
-            return self.path.score_from_noise(out, x, t)
-        return self.path.score_from_velocity(out, x, t)
-
     # ---- training -----------------------------------------------------------------------------
 
     def sample_time(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -1,6 +1,7 @@
 """Every kind of damage gives an error naming the shard or key, from both `sit verify` and the
 reader; the reader's "skip" policy drops and records instead, keeping ranks in lockstep."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -100,8 +101,6 @@ def write_crafted(url: str, frames: dict[str, bytes]) -> None:
         offsets = {m.name: (m.offset_data, m.size) for m in tar}
     root = Root(url)
     root.publish_bytes(shard_name(0), data)
-    import hashlib
-
     keys = list(frames)
     info = ShardInfo(0, len(data), hashlib.sha256(data).hexdigest(), keys, [1] * len(keys))
     info.offsets = [offsets[k + ".latents.zst"][0] for k in keys]
