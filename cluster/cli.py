@@ -10,10 +10,11 @@ import argparse
 import sys
 
 from latents import cli as latents_cli
+from pipeline import cli as pipeline_cli
 from sampling import cli as sampling_cli
 from trainer import cli as trainer_cli
 
-REGISTRARS = (sampling_cli.register, latents_cli.register, trainer_cli.register)
+REGISTRARS = (pipeline_cli.register, trainer_cli.register, sampling_cli.register, latents_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

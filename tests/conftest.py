@@ -3,6 +3,13 @@
 * reference_dir: values computed from the released SiT code (tests/reference/).
 * s3_endpoint / s3_bucket: a real S3 API - moto's server in its own process on 127.0.0.1,
   started once per test session; s3fs finds it through AWS_ENDPOINT_URL.
+* ray_address: one local Ray cluster per test session (2 CPUs, a small object store); the
+  test process is connected to it and subprocesses join it with `--address`.
+* tiny_vae_dir: a tiny randomly initialised `diffusers.AutoencoderKL` with the SD VAE's
+  structure (downsampling by 8, 4 latent channels), saved with `save_pretrained`.
+
+torch runs on one thread in the test process: on a 2-core machine more threads only contend
+with the other processes a test starts (Ray workers, torchrun ranks, moto).
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.moto_s3 import s3_environment, start_moto_server
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +57,44 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """The GCS address of the session's local Ray cluster (this process is its driver)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def save_tiny_vae(path: Path, seed: int = 0) -> Path:
+    """A tiny random AutoencoderKL shaped like the SD VAE (x8 downsampling, 4 channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
