@@ -1,0 +1,51 @@
+"""The Stable Diffusion VAE: loading (offline only), dtype policy and the latent scaling.
+
+`load_vae` takes a local directory saved with `save_pretrained` or a Hugging Face hub id that
+is already in the local cache; nothing is downloaded at run time. The scaling factor always
+comes from the VAE's own config (0.18215 for the SD VAEs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+VAE_CHOICES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # never fp16: it overflows on some images
+
+
+class VaeNotFoundError(FileNotFoundError):
+    """The VAE's weights are not available locally; the message says what to pass."""
+
+
+def vae_dtype(name: str) -> torch.dtype:
+    if name not in VAE_DTYPES:
+        raise ValueError(f"unknown VAE dtype {name!r}; valid: {', '.join(VAE_DTYPES)} (fp16 overflows, never used)")
+    return VAE_DTYPES[name]
+
+
+def load_vae(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """An `AutoencoderKL` in eval mode, from a local directory or a locally cached hub id."""
+    from diffusers import AutoencoderKL
+
+    local = os.path.isdir(name_or_path)
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            name_or_path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError) as err:
+        where = "the directory" if local else "the local Hugging Face cache"
+        raise VaeNotFoundError(
+            f"VAE {name_or_path!r}: no weights in {where} ({type(err).__name__}). Nothing is downloaded at run "
+            f"time: pass --vae a directory saved with AutoencoderKL.save_pretrained (e.g. after "
+            f"`huggingface-cli download {DEFAULT_VAE} --local-dir sd-vae-ft-ema` on a machine with network), "
+            f"or pre-fill the hub cache (HF_HOME)."
+        ) from None
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+def scaling_factor(vae) -> float:
+    """The latent scaling factor from the VAE's config (one source for it)."""
+    return float(vae.config.scaling_factor)
