@@ -11,17 +11,11 @@ import argparse
 import json
 import sys
 
-from latents.format import DatasetError
-
 
 def inspect_command(args: argparse.Namespace) -> int:
     from latents.summary import format_summary, summarize
 
-    try:
-        summary = summarize(args.url)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    summary = summarize(args.url)  # a DatasetError or StorageError becomes one line in `sit`'s main
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -35,9 +29,16 @@ def inspect_command(args: argparse.Namespace) -> int:
 def verify_command(args: argparse.Namespace) -> int:
     from latents.verify import verify
 
-    report = verify(args.url, workers=args.workers, progress=not args.quiet)
+    report = verify(args.url, workers=args.workers, progress=not args.quiet, strict=args.strict)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if report.ok:
-        print(f"OK: {report.url}: {report.shards_checked} shards, {report.samples_checked:,} samples verified")
+        rejected = "" if report.rejected is None else f" ({report.rejected:,} inputs rejected by the encoder)"
+        warned = f", {len(report.warnings)} warnings" if report.warnings else ""
+        print(
+            f"OK: {report.url}: {report.shards_checked} shards, {report.samples_checked:,} samples verified"
+            f"{rejected}{warned}"
+        )
         return 0
     print(f"FAILED: {report.url}: {len(report.problems)} problems", file=sys.stderr)
     for problem in report.problems[: args.max_problems]:
@@ -59,11 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify",
         help="check every shard checksum and every sample of a latent dataset",
-        description=__doc__ + "\nExits 0 if the dataset is intact, 1 listing every problem found.",
+        description=__doc__ + "\nExits 0 if the dataset is intact, 1 listing every problem found. Leftover "
+        "temporary files of a killed writer are warnings (they never carry a final name); --strict fails on them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("url", help="dataset root (path, file://, s3://, gs://, memory://)")
     p.add_argument("--workers", type=int, default=4, help="shards checked concurrently (default: %(default)s)")
     p.add_argument("--max-problems", type=int, default=50, help="problems to list (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--strict", action="store_true", help="fail on leftover temporary files too")
     p.set_defaults(func=verify_command)

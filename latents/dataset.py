@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +11,8 @@ import pyarrow.parquet as pq
 from latents.format import (
     CARD_NAME,
     MANIFEST_NAME,
+    REJECTS_NAME,
+    REJECTS_SCHEMA,
     SAMPLE_SCHEMA,
     SAMPLES_NAME,
     SHARD_DIR,
@@ -44,7 +45,7 @@ class LatentIndex:
                     "(still being written, or the writer stopped before finishing)"
                 )
             raise DatasetError(f"{root.url}: no latent dataset here ({CARD_NAME} not found)")
-        card = DatasetCard.from_json(root.read_bytes(CARD_NAME).decode(), root.url_of(CARD_NAME))
+        card = DatasetCard.from_json(root.read_bytes(CARD_NAME), root.url_of(CARD_NAME))
         shards = _read_table(root, MANIFEST_NAME, SHARD_SCHEMA)
         samples = _read_table(root, SAMPLES_NAME, SAMPLE_SCHEMA)
         index = cls(root, card, shards, samples)
@@ -83,10 +84,30 @@ class LatentIndex:
 def _read_table(root: Root, name: str, schema: pa.Schema) -> pa.Table:
     if not root.exists(name):
         raise IncompleteDatasetError(f"{root.url_of(name)} is missing although {CARD_NAME} exists")
+    data = root.read_bytes(name)
     try:
-        table = pq.read_table(io.BytesIO(root.read_bytes(name)))
+        table = pq.read_table(_arrow_owned(data), use_threads=False)
     except (pa.ArrowException, OSError) as err:
         raise DatasetError(f"{root.url_of(name)}: unreadable parquet ({err})") from None
     if not table.schema.equals(schema, check_metadata=False):
         raise DatasetError(f"{root.url_of(name)}: schema {table.schema} is not the expected {schema}")
     return table
+
+
+def read_rejects(root: Root) -> pa.Table | None:
+    """The encode job's optional rejects.parquet (REJECTS_SCHEMA), or None if there is none."""
+    if not root.exists(REJECTS_NAME):
+        return None
+    return _read_table(root, REJECTS_NAME, REJECTS_SCHEMA)
+
+
+def _arrow_owned(data: bytes) -> pa.BufferReader:
+    """A reader over a copy of ``data`` in arrow-owned memory.
+
+    ``pq.read_table(io.BytesIO(...))`` lets arrow's I/O threads hold buffers that point into a
+    Python object; one released during interpreter shutdown aborts the process (SIGABRT after
+    the command's output). An arrow-owned copy involves no Python object at all.
+    """
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return pa.BufferReader(sink.getvalue())

@@ -8,11 +8,15 @@ Layout under a dataset root URL (local path, file://, s3://, gs://, memory://):
     card.json          written last: "card exists" means "dataset complete"
     manifest.parquet   one row per shard (SHARD_SCHEMA)
     samples.parquet    one row per sample (SAMPLE_SCHEMA), ordered by shard, then position
+    rejects.parquet    optional, by the encode job: inputs it could not encode (REJECTS_SCHEMA)
     shards/000000.tar  tar shards; per sample, in order:
         {key}.latents.zst  one zstd frame per stored flip (flip 0 = image, flip 1 = its mirror),
                            concatenated; each frame is an .npy file of shape (K, C, H, W) in the
                            storage dtype, K = 2 (posterior mean, std) or 1 (one sampled latent)
         {key}.cls          the class label, ASCII decimal
+
+Also here: the card's field checks, the sample checks writers apply, the tar member layout
+(`tar_header`, `read_tar`: the one tar parser) and the per-sample seed (`sample_seeds`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, field
+import tarfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +40,9 @@ FORMAT_VERSION = 1
 CARD_NAME = "card.json"
 MANIFEST_NAME = "manifest.parquet"
 SAMPLES_NAME = "samples.parquet"
+REJECTS_NAME = "rejects.parquet"  # optional, owned by the encode job: inputs it could not encode
 SHARD_DIR = "shards"
+INDEX_NAMES = (SAMPLES_NAME, MANIFEST_NAME, CARD_NAME)  # published in this order, after every shard
 
 LATENTS_SUFFIX = ".latents.zst"
 LABEL_SUFFIX = ".cls"
@@ -41,6 +50,9 @@ STORAGE_DTYPE = "float16"  # 2^-11 relative rounding: 16x finer than the bf16 us
 STORED_POSTERIOR = "posterior"  # K = 2: mean and std of the VAE posterior
 STORED_SAMPLE = "sample"  # K = 1: one sampled latent
 ZSTD_LEVEL = 3
+CODEC = f"zstd-{ZSTD_LEVEL}+npy"
+TAR_BLOCK = 512  # ustar block: headers and padded member data
+TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to a multiple of it
 DEFAULT_SHARD_BYTES = 256 * 2**20  # target shard size (uncompressed estimate)
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-/]{1,88}$")  # no '.', so webdataset splits key/suffix right
 
@@ -63,6 +75,15 @@ SAMPLE_SCHEMA = pa.schema(
         ("size", pa.int32()),  # its size in bytes
         ("flip_offset", pa.int32()),  # start of the flip-1 frame within the member (0: no flip stored)
         ("key_hash", pa.uint64()),  # key_hash(key): seeds the per-sample flip and noise
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the sample key the input would have had
+        ("source", pa.string()),  # source path or URL of the input
+        ("reason", pa.string()),  # short category, e.g. "decode", "too-small"
+        ("error", pa.string()),  # the exception text
     ]
 )
 
@@ -170,7 +191,7 @@ class DatasetCard:
     source_fingerprint: str  # identifies the source images (set by the encoder)
     tool_version: str  # what wrote it
     storage_dtype: str = STORAGE_DTYPE
-    codec: str = f"zstd-{ZSTD_LEVEL}+npy"
+    codec: str = CODEC
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # free-form provenance (encoder settings, ...)
@@ -183,11 +204,14 @@ class DatasetCard:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str = "card.json") -> DatasetCard:
+    def from_json(cls, text: str | bytes, where: str = CARD_NAME) -> DatasetCard:
+        """Parse and check a card: every field's type and range; errors name ``where`` and the field."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DatasetError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{where}: must hold a JSON object, not a {type(data).__name__}")
         if data.get("format") != FORMAT_NAME:
             raise UnsupportedFormatError(f"{where}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
         if data.get("format_version") != FORMAT_VERSION:
@@ -195,24 +219,77 @@ class DatasetCard:
                 f"{where}: format version {data.get('format_version')!r} is not supported "
                 f"(this code reads version {FORMAT_VERSION})"
             )
-        names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names if n not in data and cls.__dataclass_fields__[n].default is not None)
-        unknown = sorted(set(data) - names)
-        required = [n for n in missing if n not in ("storage_dtype", "codec", "extra")]
-        if required or unknown:
-            raise DatasetError(f"{where}: missing fields {required}, unknown fields {unknown}")
+        optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name not in optional)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if missing or unknown:
+            raise DatasetError(f"{where}: missing fields {missing}, unknown fields {unknown}")
+        problems = [p for name, value in data.items() if (p := _check_field(name, value, data)) is not None]
+        if problems:
+            raise DatasetError(f"{where}: " + "; ".join(problems))
         return cls(**data)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_field(name: str, v, card: dict) -> str | None:
+    """What is wrong with card field ``name`` = ``v`` (None if nothing)."""
+    shape = card.get("latent_shape")
+    channels = shape[0] if isinstance(shape, list) and shape and _is_int(shape[0]) else None
+    positive_int = ("resolution", "num_classes", "num_samples", "num_shards")
+    if name in positive_int and not (_is_int(v) and v >= 1):
+        return f"{name} must be a positive integer, not {v!r}"
+    if name == "total_bytes" and not (_is_int(v) and v >= 0):
+        return f"{name} must be a non-negative integer, not {v!r}"
+    if name == "latent_shape" and not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x >= 1 for x in v)):
+        return f"latent_shape must be a list of 3 positive integers [C, H, W], not {v!r}"
+    if name == "scaling_factor" and not (_is_number(v) and v > 0):
+        return f"scaling_factor must be a finite positive number, not {v!r}"
+    if name == "stored" and v not in (STORED_POSTERIOR, STORED_SAMPLE):
+        return f"stored must be {STORED_POSTERIOR!r} or {STORED_SAMPLE!r}, not {v!r}"
+    if name == "flips" and not isinstance(v, bool):
+        return f"flips must be true or false, not {v!r}"
+    if name == "storage_dtype" and v != STORAGE_DTYPE:
+        return f"storage_dtype must be {STORAGE_DTYPE!r}, not {v!r}"
+    if name == "codec" and v != CODEC:
+        return f"codec must be {CODEC!r}, not {v!r}"
+    if name in ("vae", "source_fingerprint", "tool_version") and not isinstance(v, str):
+        return f"{name} must be a string, not {v!r}"
+    if name == "extra" and not isinstance(v, dict):
+        return f"extra must be a JSON object, not {v!r}"
+    if name in ("channel_mean", "channel_std"):
+        ok = isinstance(v, list) and all(_is_number(x) for x in v) and (channels is None or len(v) == channels)
+        if not ok:
+            return f"{name} must be a list of {channels or 'C'} finite numbers (one per channel), not {v!r}"
+        if name == "channel_std" and any(x < 0 for x in v):
+            return f"channel_std must not be negative, not {v!r}"
+    return None
+
+
+def check_sample(key: str, array: np.ndarray, spec: LatentSpec) -> None:
+    """Refuse a sample the format cannot hold faithfully: wrong shape, NaN/inf, a negative std."""
+    if tuple(array.shape) != spec.sample_shape:
+        raise ValueError(f"sample {key}: shape {tuple(array.shape)} != expected {spec.sample_shape}")
+    with np.errstate(over="ignore"):
+        stored = np.asarray(array, dtype=spec.storage_dtype)  # what would be written (overflow -> inf)
+    if not np.isfinite(stored).all():
+        raise ValueError(f"sample {key}: contains NaN or inf (after conversion to {spec.storage_dtype})")
+    if spec.stored == STORED_POSTERIOR and (stored[:, 1] < 0).any():
+        raise ValueError(f"sample {key}: negative posterior std (minimum {float(stored[:, 1].min())})")
 
 
 # ---- sample encoding ----------------------------------------------------------------------------
 
 
-def encode_sample(array: np.ndarray, spec: LatentSpec, compressor) -> tuple[bytes, int]:
+def encode_sample(key: str, array: np.ndarray, spec: LatentSpec, compressor) -> tuple[bytes, int]:
     """(F, K, C, H, W) array -> (member bytes, flip_offset). ``compressor``: zstd.ZstdCompressor."""
-    if tuple(array.shape) != spec.sample_shape:
-        raise ValueError(f"sample shape {tuple(array.shape)} != expected {spec.sample_shape}")
-    if not np.isfinite(array).all():
-        raise ValueError("sample contains NaN or inf")
+    check_sample(key, array, spec)
     array = np.ascontiguousarray(array, dtype=spec.storage_dtype)
     header = spec.npy_header
     frames = [compressor.compress(header + array[f].tobytes()) for f in range(spec.num_flips)]
@@ -237,3 +314,60 @@ def flip_frame(member: bytes, flip: int, flip_offset: int) -> bytes:
 
 def label_bytes(label: int) -> bytes:
     return str(int(label)).encode()
+
+
+# ---- tar shards -----------------------------------------------------------------------------------
+
+
+class TarMember(NamedTuple):
+    name: str
+    offset: int  # where its data starts in the archive
+    size: int
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The fixed ustar header of a member: mtime 0, mode 0644, uid/gid 0, no user names."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def read_tar(data: bytes) -> list[TarMember]:
+    """The regular-file members of a tar archive, in order. Raises ValueError if it is not one."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    except tarfile.TarError as err:
+        raise ValueError(f"not a readable tar ({err})") from None
+
+
+# ---- per-sample randomness ----------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 step on uint64 arrays (wrapping): add the golden gamma, then the finaliser."""
+    with np.errstate(over="ignore"):
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, key_hashes: np.ndarray) -> np.ndarray:
+    """64-bit per-sample seeds: splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ key_hash)."""
+    base = splitmix64(splitmix64(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))
+    return splitmix64(base ^ key_hashes.astype(np.uint64))
+
+
+def sample_flips(seeds: np.ndarray) -> np.ndarray:
+    """Flip 1 (the mirror) where the seed's top bit is set."""
+    return (seeds >> np.uint64(63)).astype(bool)
+
+
+def noise_seeds(seeds: np.ndarray) -> list[int]:
+    """torch.Generator seeds for eps: the low 63 bits of each sample seed."""
+    return (seeds & np.uint64(2**63 - 1)).tolist()

@@ -1,26 +1,31 @@
-"""Which samples each rank and DataLoader worker reads in an epoch, and in what order.
+"""Which samples each step of an epoch holds, on a fixed number of logical streams.
 
-Pure functions of (shard sizes, seed, epoch, world size, rank, workers, batch size, window):
-no I/O, no clocks, no process ids.
+Pure functions of (shard sizes, seed, epoch, streams S, global batch B, window): no I/O, no
+clocks, no process ids - and neither the world size nor the DataLoader worker count, so a run
+can resume with other counts of both (elastic resume).
 
 1. Shards are permuted per (seed, epoch) and concatenated: the epoch's global sequence G.
-2. Each rank takes a contiguous slice of G of ``batches_per_rank * batch_size`` samples, with
-   ``batches_per_rank = N // (world_size * batch_size)``: every rank gets the same number of
-   full batches, and the last ``N mod (world_size * batch_size)`` samples of G are left out of
-   this epoch. G is permuted anew each epoch, so a different few are left out each time.
-3. The rank's batches j = 0, 1, ... are dealt to W logical workers round robin (j mod W), which
-   is the order in which torch's DataLoader collects worker batches; logical worker l reads a
-   contiguous part of the rank's slice, so workers never read the same bytes.
-4. Within a worker's part, samples are shuffled in windows of ``window`` samples (a multiple of
-   the batch size): the shuffle buffer, spanning several shards when shards are smaller.
+2. The epoch has ``T = N // B`` steps. Stream s (of S) is the contiguous slice
+   ``G[s*L : (s+1)*L]`` with ``L = T * g`` and ``g = B / S`` samples per stream per step; the last
+   ``N - T*B`` samples of G (< B) wait for another epoch (G is permuted anew, so a different few).
+3. Each stream is shuffled within windows of ``window`` samples (a multiple of g), seeded by
+   (seed, epoch, S, stream, window index): the shuffle buffer.
+4. Step t's global batch is, for s = 0..S-1 in order, samples ``[t*g, (t+1)*g)`` of stream s.
 
-Resume: after the rank consumed k batches, physical worker p plays logical worker (k + p) mod W
-from its local batch (k + p) // W; the DataLoader then yields exactly batches k, k+1, ...
+Layout (may change at every resume): rank r of W takes the contiguous block of S/W streams
+``[r*S/W, (r+1)*S/W)``, so its batch is ``b = B/W`` samples. The block's streams are dealt to
+the rank's K DataLoader workers round robin (worker k: the block's streams k, k+K, ...); each
+worker emits, per step, its streams' part of the batch (a "piece", empty for a worker with no
+stream), and the loader joins the K pieces of a step in worker order. So the samples of a
+batch depend on (W, r) only; their order within the batch also on K.
+Constraint: **W divides S, and S divides B** (and K <= S/W keeps every worker busy).
+After k steps every stream has given exactly k*g samples, whatever the layout was, so the
+position to resume from is one number (the step) and no sample is repeated or skipped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 
@@ -40,71 +45,71 @@ def global_sequence(first_sample: np.ndarray, num_samples: np.ndarray, order: np
     return np.concatenate([np.arange(first_sample[s], first_sample[s] + num_samples[s]) for s in order])
 
 
-def batches_per_rank(total: int, world_size: int, batch_size: int) -> int:
-    return total // (world_size * batch_size)
+def steps_per_epoch(total: int, global_batch: int) -> int:
+    return total // global_batch
 
 
-def worker_batches(num_batches: int, workers: int, worker: int) -> int:
-    """Batches logical worker ``worker`` produces when the rank's batches are dealt round robin."""
-    return max(0, -(-(num_batches - worker) // workers))
+def default_streams(world_size: int, workers: int, batch_size: int) -> int:
+    """world_size x workers (one stream per worker) where the batch allows it, else fewer."""
+    return world_size * math.gcd(workers, batch_size)
 
 
-@dataclass(frozen=True)
-class WorkerPlan:
-    """One logical worker's samples for an epoch: rows in output order, cut into windows."""
-
-    rows: np.ndarray  # sample rows in the order they are emitted (shuffled within windows)
-    window: int  # samples per window
-    batch_size: int
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.rows) // self.batch_size
-
-    def windows(self, start_batch: int = 0):
-        """(rows of a window, batches of it to skip) for each window from local batch start_batch on."""
-        per_window = self.window // self.batch_size
-        for w in range(start_batch // per_window, -(-self.num_batches // per_window)):
-            yield self.rows[w * self.window : (w + 1) * self.window], max(0, start_batch - w * per_window)
+def check_layout(streams: int, world_size: int, batch_size: int) -> None:
+    """Raise ValueError, saying what to change, unless W divides S and S divides B = W*b."""
+    if streams % world_size:
+        raise ValueError(
+            f"{streams} logical streams cannot be shared by {world_size} ranks: the world size must divide "
+            "the stream count (to resume on other world sizes, choose a stream count they all divide, e.g. 12)"
+        )
+    if (world_size * batch_size) % streams:
+        raise ValueError(
+            f"the global batch {world_size} x {batch_size} = {world_size * batch_size} is not a multiple of the "
+            f"{streams} logical streams: every stream gives the same number of samples to each step"
+        )
 
 
-def worker_plan(
+def stream_window(window_samples: int, samples_per_step: int) -> int:
+    """The shuffle window of a stream: at least one step's samples, rounded down to whole steps."""
+    return max(samples_per_step, window_samples // samples_per_step * samples_per_step)
+
+
+def epoch_streams(
     first_sample: np.ndarray,
     num_samples: np.ndarray,
+    streams: range,
     *,
     seed: int,
     epoch: int,
-    world_size: int,
-    rank: int,
-    workers: int,
-    worker: int,
-    batch_size: int,
+    num_streams: int,
+    global_batch: int,
     window: int,
     shuffle: bool = True,
-) -> WorkerPlan:
-    """The samples logical ``worker`` (of ``workers``, >= 1) of ``rank`` emits in ``epoch``."""
+) -> np.ndarray:
+    """Rows of the logical ``streams`` (of ``num_streams``) in the order they are emitted:
+    shape (len(streams), L); row i holds stream ``streams[i]``; ``window`` is a multiple of g."""
+    if global_batch % num_streams:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {num_streams} streams")
+    per_step = global_batch // num_streams
+    if window % per_step:
+        raise ValueError(f"window {window} is not a multiple of the {per_step} samples per stream and step")
+    order = shard_order(len(num_samples), seed, epoch, shuffle)
+    sequence = global_sequence(first_sample, num_samples, order)
+    length = steps_per_epoch(len(sequence), global_batch) * per_step
+    out = np.empty((len(streams), length), dtype=np.int64)
+    for i, s in enumerate(streams):
+        rows = sequence[s * length : (s + 1) * length].copy()
+        if shuffle:
+            for w in range(0, length, window):
+                rows[w : w + window] = _rng(seed, epoch, num_streams, s, w).permutation(rows[w : w + window])
+        out[i] = rows
+    return out
+
+
+def worker_streams(num_streams: int, world_size: int, rank: int, worker: int, workers: int) -> range:
+    """The logical streams DataLoader worker ``worker`` of ``rank`` owns (possibly none)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} not in [0, {workers})")
-    window = max(batch_size, window // batch_size * batch_size)
-    order = shard_order(len(num_samples), seed, epoch, shuffle)
-    sequence = global_sequence(first_sample, num_samples, order)
-    nb = batches_per_rank(len(sequence), world_size, batch_size)
-    rank_rows = sequence[rank * nb * batch_size : (rank + 1) * nb * batch_size]
-    start = sum(worker_batches(nb, workers, w) for w in range(worker)) * batch_size
-    rows = rank_rows[start : start + worker_batches(nb, workers, worker) * batch_size].copy()
-    if shuffle:
-        for w in range(0, len(rows), window):
-            # seeded by the window's place in G: independent of everything but the layout
-            rows[w : w + window] = _rng(seed, epoch, world_size, rank, workers, worker, w).permutation(
-                rows[w : w + window]
-            )
-    return WorkerPlan(rows, window, batch_size)
-
-
-def resume_assignment(consumed: int, workers: int, physical: int) -> tuple[int, int]:
-    """(logical worker, first local batch) for physical worker ``physical`` after ``consumed``
-    rank-level batches, so that round-robin collection continues with batch ``consumed``."""
-    j = consumed + physical
-    return j % workers, j // workers
+    per_rank = num_streams // world_size
+    return range(rank * per_rank + worker, (rank + 1) * per_rank, workers)

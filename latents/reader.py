@@ -1,18 +1,26 @@
-"""Streaming reader: a torch IterableDataset of batches, and a loader with exact resume.
+"""Streaming reader: a torch IterableDataset of batch pieces, and a loader with elastic resume.
 
-`LatentDataset` yields whole batches (use it through `LatentLoader`, or a DataLoader with
-``batch_size=None``). Which samples come in what order is `latents.plan`; here we fetch and
-decode them:
+Which samples each step holds is `latents.plan` (fixed logical streams, independent of the
+world size and the worker count); here we fetch and decode them:
 
-* Each worker reads its windows as a few large byte-range requests (no tar parsing: the sample
-  table holds every member's offset), on a thread pool that reads the next window while the
-  current one is decoded, with bounded retries, then an error naming the shard.
+* Each DataLoader worker owns some logical streams and reads their shuffle windows as a few
+  large byte-range requests (no tar parsing: the sample table holds every member's offset), on a
+  thread pool that reads the next window while the current one is decoded, with bounded retries
+  on transient errors, then an error naming the shard. It emits one *piece* per step (its
+  streams' samples); `LatentLoader` joins a step's pieces into the rank's batch.
+* **Memory:** a worker holds two windows (current and read-ahead) of each stream it owns:
+  about ``2 * streams_per_worker * shuffle_buffer_bytes`` of compressed bytes, plus one decoded
+  batch. With the defaults (64 MiB windows, streams = world size x workers: one stream per worker)
+  that is 128 MiB per worker, 4 GiB for 8 ranks x 4 workers. (Smaller windows mean smaller range
+  requests: on moto's S3 server 16 MiB windows read at ~60% of the speed of 64 MiB ones.)
 * Per sample: flip f = bit of mix(seed, epoch, key) (p = 1/2); eps ~ N(0, I) from a torch
   generator seeded with the same mix; z = mean_f + std_f * eps, times the card's scaling factor.
   **The reader applies the scaling factor**; the trainer must not apply it again.
-* Bad shards: ``bad_shard="fail"`` (default) raises `ShardError`; ``"skip"`` drops the samples
-  that cannot be read, records (key, reason) in the batch's "skipped" list, and keeps every
-  rank's batch count unchanged (batches can then be shorter than batch_size).
+* Bad shards: ``bad_shard="fail"`` (default) raises `ShardError`; ``"skip"`` replaces each sample
+  that cannot be read by a readable sample of the same window (the next one after it, cyclically;
+  so that sample appears twice in the epoch), records (key, reason), and keeps every batch full:
+  no batch is ever short or empty, and every rank keeps the same number of batches. Only a window
+  with no readable sample at all (and no earlier piece to draw from) still raises.
 """
 
 from __future__ import annotations
@@ -27,26 +35,29 @@ import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latents.dataset import LatentIndex
-from latents.format import STORED_POSTERIOR, ShardError, decode_frame, flip_frame, shard_name
-from latents.plan import batches_per_rank, resume_assignment, worker_plan
+from latents.format import (
+    STORED_POSTERIOR,
+    ShardError,
+    decode_frame,
+    flip_frame,
+    noise_seeds,
+    sample_flips,
+    sample_seeds,
+    shard_name,
+)
+from latents.plan import (
+    check_layout,
+    default_streams,
+    epoch_streams,
+    steps_per_epoch,
+    stream_window,
+    worker_streams,
+)
 from latents.storage import StorageError
 
 BAD_SHARD_POLICIES = ("fail", "skip")
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    # splitmix64 finaliser on uint64 arrays (wrapping arithmetic)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def sample_seeds(seed: int, epoch: int, key_hashes: np.ndarray) -> np.ndarray:
-    """64-bit per-sample seeds, functions of (seed, epoch, key) only."""
-    base = _splitmix(_splitmix(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))
-    return _splitmix(base ^ key_hashes.astype(np.uint64))
+DEFAULT_WINDOW_BYTES = 64 << 20  # shuffle window per stream (compressed bytes); a worker holds two
+MAX_SKIP_RECORD = 1000  # (key, reason) pairs a loader keeps (and saves) of the samples it replaced
 
 
 @dataclass
@@ -60,28 +71,32 @@ class _Chunk:
 
 
 class LatentDataset(IterableDataset):
-    """Batches of (scaled) latents from a latent dataset URL.
+    """Batches of (scaled) latents from a latent dataset URL; iterate it through `LatentLoader`.
 
-    Iterate it through `LatentLoader` (which adds epochs and resume), or through a DataLoader
-    with ``batch_size=None`` after setting ``epoch`` (and ``start_batch`` to skip batches).
+    Iterated directly (or by a DataLoader with ``batch_size=None``) it yields one piece per step
+    from each worker; with no workers a piece is the whole batch. Set ``epoch`` and
+    ``start_batch`` (steps of the epoch to skip) first.
 
     Each batch is a dict: ``latents`` float32 (b, C, H, W), ``labels`` int64 (b,), ``flips``
-    bool (b,), ``keys`` list of str, ``skipped`` list of (key, reason). b = batch_size except
-    where ``bad_shard="skip"`` dropped samples.
+    bool (b,), ``keys`` list of str, ``skipped`` list of (key, reason); b = batch_size always.
 
     Args:
         url: dataset root (local path, file://, s3://, gs://, memory://).
-        batch_size: samples per batch, per rank.
+        batch_size: samples per batch, per rank (the global batch is world_size * batch_size).
         rank, world_size: this process's place among the data-parallel ranks.
         seed: shuffling, flips and noise derive from it (with the epoch and the key).
         shuffle: permute shards per epoch and shuffle within windows.
         random_flip: pick the stored mirror with p = 1/2 (else always the original image).
         sample_posterior: z = mean + std * eps (else the posterior mean).
-        shuffle_buffer_bytes: size of a shuffle window in (compressed) bytes, rounded to whole
-            batches; a worker holds about two windows (current and read-ahead) in memory.
+        streams: logical streams the epoch's order is defined on (see `latents.plan`); world_size
+            must divide it and it must divide the global batch. None: world_size x workers of the
+            first run where the batch size allows (a resume adopts the saved count). Choose e.g.
+            12 or 24 to be able to resume on 2, 3 or 4 ranks.
+        shuffle_buffer_bytes: shuffle window of one stream in (compressed) bytes, rounded to
+            whole steps; a worker holds two windows of each stream it owns (see Memory above).
         bad_shard: "fail" or "skip" (see the module docstring).
         io_threads: concurrent range requests per worker.
-        chunk_bytes: largest single range request.
+        chunk_bytes: largest single range request (a window is read as several, io_threads at a time).
         retries: attempts per request on transient storage errors.
     """
 
@@ -96,7 +111,8 @@ class LatentDataset(IterableDataset):
         shuffle: bool = True,
         random_flip: bool = True,
         sample_posterior: bool = True,
-        shuffle_buffer_bytes: int = 1 << 30,
+        streams: int | None = None,
+        shuffle_buffer_bytes: int = DEFAULT_WINDOW_BYTES,
         bad_shard: str = "fail",
         io_threads: int = 4,
         chunk_bytes: int = 32 << 20,
@@ -116,13 +132,15 @@ class LatentDataset(IterableDataset):
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle, self.random_flip, self.sample_posterior = shuffle, random_flip, sample_posterior
         self.bad_shard, self.io_threads, self.chunk_bytes, self.retries = bad_shard, io_threads, chunk_bytes, retries
-        per_window = max(1, int(shuffle_buffer_bytes / self.index.mean_sample_bytes) // batch_size)
-        self.window = per_window * batch_size
-        self.num_batches = batches_per_rank(self.card.num_samples, world_size, batch_size)
+        self.global_batch = batch_size * world_size
+        self.shuffle_buffer_bytes = shuffle_buffer_bytes
+        self.streams: int | None = streams  # resolved by LatentLoader (or on first iteration)
+        self.window: int | None = None  # samples per stream window; set with the stream count
+        self.num_batches = steps_per_epoch(self.card.num_samples, self.global_batch)
         if self.num_batches == 0:
             raise ValueError(
                 f"{url}: {self.card.num_samples} samples are fewer than world_size * batch_size "
-                f"= {world_size * batch_size}: no rank would get a full batch"
+                f"= {self.global_batch}: no rank would get a full batch"
             )
         idx = self.index
         self._first, self._count = idx.shard_column("first_sample"), idx.shard_column("num_samples")
@@ -136,42 +154,58 @@ class LatentDataset(IterableDataset):
         self._keys = idx.samples.column("key").combine_chunks()
         # set by LatentLoader (or by hand) before iterating
         self.epoch = 0
-        self.start_batch = 0  # rank-level batches of this epoch already consumed
+        self.start_batch = 0  # steps of this epoch already consumed
+        self._last_good: tuple[np.ndarray, np.ndarray] | None = None  # (rows, frames) of the last piece
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def set_layout(self, workers: int, streams: int | None = None, window: int | None = None) -> None:
+        """Fix the stream count (default: kept, else `latents.plan.default_streams`) and the window;
+        check that this rank's layout can share them (see `latents.plan.check_layout`)."""
+        self.streams = streams or self.streams or default_streams(self.world_size, workers, self.batch_size)
+        check_layout(self.streams, self.world_size, self.batch_size)
+        per_step = self.global_batch // self.streams
+        samples = int(self.shuffle_buffer_bytes / self.index.mean_sample_bytes)
+        self.window = window or self.window or stream_window(samples, per_step)
 
     # ---- iteration (runs in the DataLoader worker) ---------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        logical, first_batch = resume_assignment(self.start_batch, workers, physical)
-        plan = worker_plan(
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.streams is None or self.window is None:
+            self.set_layout(workers)
+        mine = worker_streams(self.streams, self.world_size, self.rank, worker, workers)
+        rows = epoch_streams(
             self._first,
             self._count,
+            mine,
             seed=self.seed,
             epoch=self.epoch,
-            world_size=self.world_size,
-            rank=self.rank,
-            workers=workers,
-            worker=logical,
-            batch_size=self.batch_size,
+            num_streams=self.streams,
+            global_batch=self.global_batch,
             window=self.window,
             shuffle=self.shuffle,
-        )
-        windows = list(plan.windows(first_batch))
-        if not windows:
+        )  # (streams of this worker, L)
+        per_step = self.global_batch // self.streams
+        steps_per_window = self.window // per_step
+        windows = range(self.start_batch // steps_per_window, -(-self.num_batches // steps_per_window))
+        if not len(windows):
             return
+        self._last_good = None
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="latent-read") as pool:
-            pending = self._fetch(pool, windows[0][0])
-            for i, (rows, skip) in enumerate(windows):
+            pending = self._fetch(pool, rows[:, windows[0] * self.window : (windows[0] + 1) * self.window].ravel())
+            for w in windows:
+                window_rows = rows[:, w * self.window : (w + 1) * self.window].ravel()
                 fetched = pending
-                if i + 1 < len(windows):  # read ahead while this window is decoded
-                    pending = self._fetch(pool, windows[i + 1][0])
+                if w + 1 < windows.stop:  # read ahead while this window is decoded
+                    pending = self._fetch(pool, rows[:, (w + 1) * self.window : (w + 2) * self.window].ravel())
                 buffers, errors = self._collect(fetched)
-                for b in range(skip, len(rows) // self.batch_size):
-                    yield self._decode(rows[b * self.batch_size : (b + 1) * self.batch_size], buffers, errors)
+                first = max(self.start_batch, w * steps_per_window)
+                for t in range(first, min(self.num_batches, (w + 1) * steps_per_window)):
+                    piece = rows[:, t * per_step : (t + 1) * per_step].ravel()
+                    yield self._decode(piece, window_rows, buffers, errors)
 
     def _chunks(self, rows: np.ndarray) -> list[_Chunk]:
         """Split a window's rows into range requests: per shard, consecutive rows, <= chunk_bytes."""
@@ -228,50 +262,71 @@ class LatentDataset(IterableDataset):
                 errors[row] = reason
         return buffers, errors
 
-    def _decode(self, rows: np.ndarray, buffers, errors) -> dict:
+    def _frame(self, row: int, flip: bool, buffers, errors: dict, decompressor) -> np.ndarray | None:
+        """The stored (K, C, H, W) frame of ``row``'s flip, or None (with the reason in ``errors``)."""
+        if row in errors:
+            return None
+        data, base = buffers[row]
+        offset, size = int(self._offset[row]) - base, int(self._size[row])
+        try:
+            return decode_frame(
+                flip_frame(data[offset : offset + size], flip, int(self._flip_offset[row])), self.spec, decompressor
+            )
+        except (ValueError, zstandard.ZstdError) as err:
+            key = self._keys[row].as_py()
+            errors[row] = f"{self.index.root.url_of(shard_name(int(self._shard[row])))}: sample {key}: {err}"
+            return None
+
+    def _flip(self, rows: np.ndarray) -> np.ndarray:
+        return sample_flips(sample_seeds(self.seed, self.epoch, self._key_hash[rows])) & (
+            self.random_flip and self.spec.flips
+        )
+
+    def _replace(self, row: int, window_rows: np.ndarray, buffers, errors, decompressor) -> tuple[int, np.ndarray]:
+        """A readable sample to stand in for ``row``: the next readable one after it in its window
+        (cyclically), else one of the previous piece; raises ShardError if there is none."""
+        start = int(np.flatnonzero(window_rows == row)[0]) + 1
+        for candidate in np.roll(window_rows, -start).tolist():
+            frame = self._frame(candidate, bool(self._flip(np.array([candidate]))[0]), buffers, errors, decompressor)
+            if frame is not None:
+                return candidate, frame
+        if self._last_good is not None:  # the whole window is unreadable: a sample of the previous piece
+            rows, frames = self._last_good
+            return int(rows[0]), frames[0]
+        raise ShardError(f"{errors[row]}; and no readable sample in its window to replace it (bad_shard=skip)")
+
+    def _decode(self, piece: np.ndarray, window_rows: np.ndarray, buffers, errors) -> dict:
         spec = self.spec
-        seeds = sample_seeds(self.seed, self.epoch, self._key_hash[rows])
-        flips = (seeds >> np.uint64(63)).astype(bool) & (self.random_flip and spec.flips)
-        torch_seeds = (seeds & np.uint64(2**63 - 1)).tolist()
-        keys = self._keys.take(rows).to_pylist()
-        # member start (relative to its chunk), size and flip-1 frame offset of every sample
-        offsets, sizes, flip_offsets = self._offset[rows], self._size[rows], self._flip_offset[rows]
-        stored = np.empty((len(rows), *spec.frame_shape), dtype=spec.storage_dtype)  # (B, K, C, H, W)
-        posterior = spec.stored == STORED_POSTERIOR and self.sample_posterior
-        eps = torch.empty((len(rows), *spec.latent_shape)) if posterior else None
-        decompressor, generator = zstandard.ZstdDecompressor(), torch.Generator()
-        keep, skipped = [], []
-        for i, (row, offset, size, flip, flip_offset) in enumerate(
-            zip(rows.tolist(), offsets.tolist(), sizes.tolist(), flips.tolist(), flip_offsets.tolist(), strict=True)
-        ):
-            if row in errors:
-                skipped.append((keys[i], errors[row]))
-                continue
-            data, base = buffers[row]
-            member = data[offset - base : offset - base + size]
-            try:
-                stored[len(keep)] = decode_frame(flip_frame(member, flip, flip_offset), spec, decompressor)
-            except (ValueError, zstandard.ZstdError) as err:
-                reason = f"{self.index.root.url_of(shard_name(int(self._shard[row])))}: sample {keys[i]}: {err}"
+        decompressor = zstandard.ZstdDecompressor()
+        stored = np.empty((len(piece), *spec.frame_shape), dtype=spec.storage_dtype)  # (b, K, C, H, W)
+        rows, skipped = piece.copy(), []
+        for i, (row, flip) in enumerate(zip(piece.tolist(), self._flip(piece).tolist(), strict=True)):
+            frame = self._frame(row, flip, buffers, errors, decompressor)
+            if frame is None:
                 if self.bad_shard == "fail":
-                    raise ShardError(reason) from None
-                skipped.append((keys[i], reason))
-                continue
-            if posterior:
-                generator.manual_seed(torch_seeds[i])
-                torch.randn(spec.latent_shape, generator=generator, out=eps[len(keep)])
-            keep.append(i)
-        n = len(keep)
-        stored_t = torch.from_numpy(stored[:n])
+                    raise ShardError(errors[row])
+                skipped.append((self._keys[row].as_py(), errors[row]))
+                rows[i], frame = self._replace(row, window_rows, buffers, errors, decompressor)
+            stored[i] = frame
+        if len(rows):
+            self._last_good = (rows, stored[:1].copy())
+        seeds = sample_seeds(self.seed, self.epoch, self._key_hash[rows])
+        flips = sample_flips(seeds) & (self.random_flip and spec.flips)
+        stored_t = torch.from_numpy(stored)
         out = stored_t[:, 0].float()
-        if posterior:  # z = mean + std * eps
-            out.addcmul_(stored_t[:, 1].float(), eps[:n])
+        if spec.stored == STORED_POSTERIOR and self.sample_posterior:  # z = mean + std * eps
+            eps = torch.empty((len(rows), *spec.latent_shape))
+            generator = torch.Generator()
+            for i, s in enumerate(noise_seeds(seeds)):
+                generator.manual_seed(s)
+                torch.randn(spec.latent_shape, generator=generator, out=eps[i])
+            out.addcmul_(stored_t[:, 1].float(), eps)
         out.mul_(self.card.scaling_factor)
         return {
             "latents": out,
-            "labels": torch.from_numpy(self._labels[rows][keep]),
-            "flips": torch.from_numpy(flips[keep]),
-            "keys": [keys[i] for i in keep],
+            "labels": torch.from_numpy(self._labels[rows]),
+            "flips": torch.from_numpy(flips),
+            "keys": self._keys.take(rows).to_pylist(),
             "skipped": skipped,
         }
 
@@ -282,13 +337,19 @@ def _as_is(batch: dict) -> dict:
 
 
 class LatentLoader:
-    """Iterates a `LatentDataset` epoch by epoch through a DataLoader, with exact resume.
+    """Iterates a `LatentDataset` epoch by epoch through a DataLoader, with elastic resume.
 
     ``for batch in loader`` runs the rest of the current epoch (the same number of batches on
-    every rank); the next ``for`` starts the next epoch. ``state_dict()`` at any point records
-    the epoch and how many batches were handed out; a new loader given that state continues
-    with exactly the next batch (same keys, flips and noise). Resuming requires the same seed,
-    world size, rank, batch size and number of workers (checked).
+    every rank); the next ``for`` starts the next epoch. Each DataLoader worker emits its streams'
+    piece of every step; the loader joins a step's pieces (in worker order) into the batch.
+
+    ``state_dict()`` at any point records the epoch and the step (the same on every rank), the
+    order's parameters (seed, streams, global batch, window, shuffle) and a bounded record of
+    the samples a "skip" policy replaced. A new loader given that state continues with exactly
+    the next step - with the same or another world size and worker count, as long as world_size x
+    workers divides the stream count and the global batch is unchanged (checked): the batches
+    before and after together hold exactly the epoch's samples. With the same layout they are
+    bit-identical to an uninterrupted run (keys, flips and noise).
     """
 
     def __init__(self, dataset: LatentDataset, num_workers: int = 0, pin_memory: bool = False, **dataloader_kwargs):
@@ -297,8 +358,10 @@ class LatentLoader:
         self.pin_memory = pin_memory
         self.dataloader_kwargs = dataloader_kwargs
         self.epoch = 0
-        self.batch = 0  # batches of the current epoch handed out so far
-        self.skipped: list[tuple[str, str]] = []  # (key, reason) of samples a "skip" policy dropped
+        self.batch = 0  # steps of the current epoch handed out so far
+        self.skipped_count = 0  # samples a "skip" policy replaced, in all
+        self.skipped: list[tuple[str, str]] = []  # (key, reason) of the first MAX_SKIP_RECORD of them
+        dataset.set_layout(max(1, num_workers))
 
     def __len__(self) -> int:
         return self.dataset.num_batches
@@ -309,42 +372,72 @@ class LatentLoader:
         ds = self.dataset
         ds.epoch, ds.start_batch = self.epoch, self.batch
         loader = DataLoader(
-            ds,
-            batch_size=None,
-            collate_fn=_as_is,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            **self.dataloader_kwargs,
+            ds, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers, **self.dataloader_kwargs
         )
-        for batch in loader:
-            self.skipped.extend(batch.pop("skipped"))
+        pieces = []
+        for piece in loader:
+            pieces.append(piece)
+            if len(pieces) < max(1, self.num_workers):
+                continue
+            batch = _join(pieces)
+            pieces = []
+            self.skipped_count += len(batch["skipped"])
+            self.skipped.extend(batch.pop("skipped")[: MAX_SKIP_RECORD - len(self.skipped)])
+            if self.pin_memory and torch.cuda.is_available():
+                batch["latents"], batch["labels"] = batch["latents"].pin_memory(), batch["labels"].pin_memory()
             self.batch += 1
             yield batch
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
 
-    def _layout(self) -> dict:
+    def _order(self) -> dict:
+        """What defines the epoch's order: a resume must keep these."""
         ds = self.dataset
         return {
             "seed": ds.seed,
-            "world_size": ds.world_size,
-            "rank": ds.rank,
-            "batch_size": ds.batch_size,
-            "workers": max(1, self.num_workers),
-            "window": ds.window,
+            "global_batch": ds.global_batch,
             "shuffle": ds.shuffle,
             "num_samples": ds.card.num_samples,
         }
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, **self._layout()}
+        ds = self.dataset
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            **self._order(),
+            "streams": ds.streams,
+            "window": ds.window,
+            "world_size": ds.world_size,  # informational: a resume may use another layout
+            "workers": max(1, self.num_workers),
+            "skipped_count": self.skipped_count,
+            "skipped": [list(s) for s in self.skipped],
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self._layout()
+        if "streams" not in state:
+            raise ValueError("cannot resume the data position: the state was saved by a reader without logical streams")
+        mine = self._order()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume the data position exactly: the layout changed ({detail})")
+            raise ValueError(f"cannot resume the data position exactly: the order changed ({detail})")
         if not 0 <= state["batch"] <= len(self):
             raise ValueError(f"saved batch {state['batch']} outside [0, {len(self)}]")
+        self.dataset.set_layout(max(1, self.num_workers), int(state["streams"]), int(state["window"]))
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.skipped_count = int(state.get("skipped_count", 0))
+        self.skipped = [tuple(s) for s in state.get("skipped", [])]
+
+
+def _join(pieces: list[dict]) -> dict:
+    """One step's batch from its pieces, in worker order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return {
+        "latents": torch.cat([p["latents"] for p in pieces]),
+        "labels": torch.cat([p["labels"] for p in pieces]),
+        "flips": torch.cat([p["flips"] for p in pieces]),
+        "keys": [k for p in pieces for k in p["keys"]],
+        "skipped": [s for p in pieces for s in p["skipped"]],
+    }

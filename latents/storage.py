@@ -1,14 +1,27 @@
 """Storage through fsspec URLs: local paths, file://, s3://, gs://, memory://.
 
 * `Root`: a dataset root URL with its filesystem; joins relative names.
-* `retry`: bounded retries with exponential backoff on transient errors; the final error names
-  what was being done.
-* `Root.publish_bytes`: atomic publication - write under a temporary name, then
-  move to the final name, so nothing half-written ever carries a final name.
+* `retry`: bounded retries with exponential backoff on *transient* errors only (timeouts,
+  connection resets, throttling, HTTP 5xx); anything else surfaces at once. The final error
+  names what was being done and the class of the last error.
+* `Root.publish_bytes`: atomic publication, right for each backend:
+
+  - local disks: write ``<name>.tmp-<random>``, fsync, ``os.replace`` to the final name, fsync
+    the directory. A writer killed in between leaves only a temporary, which the next writer of
+    that name sweeps (`Root.sweep_temporaries`).
+  - object stores (and memory://): one write to the final key - a single PUT, or a multipart
+    upload whose completion comes last - which is atomic on S3 and GCS. Nothing is copied or
+    deleted. If a transient error hides whether the write landed (a lost response), the retry
+    first looks: a final object with the expected size and sha256 counts as success, so the
+    bytes are not sent twice and no false failure is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
+import hashlib
 import logging
 import os
 import time
@@ -17,37 +30,131 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TEMP_MARK = ".tmp-"  # temporary names: <final name>.tmp-<random>
-# Errors that are never transient: retrying cannot help.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # their errors become StorageError
+# S3/GCS error codes that mean "slow down" or "try again"; every HTTP 5xx and 429 also counts
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN}
+)
+# class names of transport failures raised by aiohttp / botocore / urllib3 / http.client
+TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "HTTPClientError",
+        "ResponseParserError",
+        "IncompleteRead",
+        "ProtocolError",
+        "FSTimeoutError",
+    }
+)
 
 
 class StorageError(OSError):
-    """A storage operation failed after its retries; the message says what and where."""
+    """A storage operation failed (after retries, or at once if retrying cannot help); the
+    message says what, where, and the class of the underlying error."""
+
+
+def _http_status(err: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) of a botocore ClientError or a gcsfs HttpError, else (None, None)."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status, response.get("Error", {}).get("Code")
+    code = getattr(err, "code", None)  # gcsfs.retry.HttpError
+    return (code, None) if isinstance(code, int) else (None, None)
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__  # explicit causes only: an error raised while handling another is itself
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying ``err`` can help: timeouts, connection failures, throttling, HTTP 5xx/429.
+
+    Looks through the exception's causes (s3fs turns a ClientError into an OSError caused by it).
+    Missing files, permissions, bad credentials, 4xx answers and programming errors are not."""
+    for e in _chain(err):
+        status, code = _http_status(e)
+        if status is not None or code is not None:
+            return (status is not None and (status >= 500 or status == 429)) or code in TRANSIENT_CODES
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError)) or type(e).__name__ in TRANSIENT_CLASS_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def describe(err: BaseException) -> str:
+    """``ClassName: message`` of an error, for one-line reports."""
+    return f"{type(err).__name__}: {err}"
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0) -> T:
-    """Call ``fn``; on transient errors (OSError, TimeoutError, ...) retry with backoff.
+    """Call ``fn``; retry transient errors (see `is_transient`) with exponential backoff.
 
-    Permanent errors (missing file, permission) are raised at once. After ``attempts`` tries
-    a `StorageError` naming ``what`` is raised from the last error.
+    Other errors surface at once: missing files and permissions as themselves (callers handle
+    them), errors of the storage client (e.g. botocore's NoCredentialsError) as a one-line
+    `StorageError`, anything else (a bug) unchanged. After ``attempts`` transient failures a
+    `StorageError` naming ``what`` and the last error's class is raised from it.
     """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except PERMANENT_ERRORS:
-            raise
-        except Exception as err:  # s3fs/gcsfs/aiohttp raise a variety of transient types
+        except Exception as err:
+            if not is_transient(err):
+                _surface(err, what)
             if attempt == attempts:
-                raise StorageError(f"{what}: failed after {attempts} attempts: {err!r}") from err
+                raise StorageError(f"{what}: failed after {attempts} attempts: {describe(err)}") from err
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-            log.warning("%s: attempt %d/%d failed (%r); retrying in %.1fs", what, attempt, attempts, err, delay)
+            why = describe(err)
+            log.warning("%s: attempt %d/%d failed (%s); retrying in %.1fs", what, attempt, attempts, why, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _url_to_fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except ImportError as err:
+        raise StorageError(f"{url}: the filesystem for this URL is not installed ({err})") from None
+    except ValueError as err:
+        if "Protocol not known" in str(err):
+            known = ", ".join(p for p in ("file", "s3", "gs", "memory") if p in fsspec.available_protocols())
+            protocol = url.split("://")[0]
+            raise StorageError(f"{url}: unknown storage protocol {protocol!r} (use a path or {known})") from None
+        raise
 
 
 class Root:
@@ -57,7 +164,7 @@ class Root:
         self.url = url.rstrip("/")
         self.attempts = attempts  # tries per operation on transient errors
         self.storage_options = storage_options or {}
-        self._fs, self.path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self._fs, self.path = _url_to_fs(self.url, self.storage_options)
         self.path = self.path.rstrip("/")
         self._pid = os.getpid()
 
@@ -65,9 +172,13 @@ class Root:
     def fs(self) -> fsspec.AbstractFileSystem:
         """The filesystem, created anew in each process (s3fs/gcsfs clients are not fork-safe)."""
         if self._pid != os.getpid():
-            self._fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._fs, _ = _url_to_fs(self.url, self.storage_options)
             self._pid = os.getpid()
         return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fs": None, "_pid": None}
@@ -105,19 +216,80 @@ class Root:
         return sorted(n[len(root) :] for n in names if n.startswith(root))
 
     def publish_bytes(self, name: str, data: bytes) -> None:
-        """Atomically write ``data`` under ``name`` (temporary name, then move)."""
-        temp = self.temp_name(name)
-        self.makedirs_for(temp)
-        retry(lambda: self.fs.pipe_file(self.full(temp), data), f"writing {self.url_of(temp)}", self.attempts)
-        self.commit(temp, name)
+        """Atomically write ``data`` under ``name`` (see the module docstring for how, per backend)."""
+        if self.is_local:
+            self._publish_local(name, data)
+            return
+        path, digest = self.full(name), None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self.fs.pipe_file(path, data)
+                return
+            except Exception as err:
+                if not is_transient(err):
+                    _surface(err, f"writing {self.url_of(name)}")
+                digest = digest or hashlib.sha256(data).digest()
+                if self._landed(name, len(data), digest):  # the write went through; its answer was lost
+                    log.warning("writing %s: %s, but the object is complete: done", self.url_of(name), describe(err))
+                    return
+                if attempt == self.attempts:
+                    raise StorageError(
+                        f"writing {self.url_of(name)}: failed after {self.attempts} attempts: {describe(err)}"
+                    ) from err
+                log.warning("writing %s: attempt %d failed (%s); retrying", self.url_of(name), attempt, describe(err))
+                time.sleep(min(10.0, 0.2 * 2 ** (attempt - 1)))
 
-    def temp_name(self, name: str) -> str:
-        return f"{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    def _landed(self, name: str, size: int, digest: bytes) -> bool:
+        """Whether ``name`` holds exactly the bytes of size ``size`` and sha256 ``digest``."""
+        try:
+            self.fs.invalidate_cache()
+            if self.size(name) != size:
+                return False
+            return hashlib.sha256(self.read_bytes(name)).digest() == digest
+        except FileNotFoundError:
+            return False
 
-    def commit(self, temp: str, name: str) -> None:
-        """Move a fully written temporary file to its final name."""
-        retry(lambda: self.fs.mv(self.full(temp), self.full(name)), f"publishing {self.url_of(name)}", self.attempts)
+    def _publish_local(self, name: str, data: bytes) -> None:
+        final = self.full(name)
+        directory = os.path.dirname(final)
+        os.makedirs(directory, exist_ok=True)
+        temp = f"{final}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            if os.path.exists(temp):
+                os.remove(temp)
+            raise
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename durable
+        finally:
+            os.close(fd)
 
-    def makedirs_for(self, name: str) -> None:
-        parent = self.full(name).rsplit("/", 1)[0]
-        retry(lambda: self.fs.makedirs(parent, exist_ok=True), f"creating {parent}", self.attempts)
+    def sweep_temporaries(self, names: list[str]) -> list[str]:
+        """Remove leftover temporaries (``<name>.tmp-*``) of final ``names`` this writer owns.
+
+        Only local publication makes temporaries; a writer killed between writing one and
+        renaming it leaves it behind. Returns the names removed."""
+        if not self.is_local:
+            return []
+        stale = sorted(n for name in names for n in _local_temporaries(self.full(name), self.path))
+        for n in stale:
+            with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
+                os.remove(self.full(n))
+        return stale
+
+
+def _local_temporaries(final: str, root: str) -> list[str]:
+    return [p[len(root) + 1 :] for p in glob.glob(glob.escape(final) + TEMP_MARK + "*")]
+
+
+def _surface(err: Exception, what: str) -> None:
+    """Raise a non-transient error: storage-client errors as a one-line `StorageError`, others as is."""
+    if type(err).__module__.split(".")[0] in CLIENT_MODULES:
+        raise StorageError(f"{what}: {describe(err)}") from err
+    raise err

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
-from latents.dataset import LatentIndex
+from latents.dataset import LatentIndex, read_rejects
 from latents.format import CARD_NAME, MANIFEST_NAME, SAMPLES_NAME
 
 
@@ -16,6 +18,8 @@ def summarize(url: str, storage_options: dict | None = None) -> dict:
     histogram = np.bincount(labels, minlength=card.num_classes)
     per_shard = index.shard_column("num_samples")
     index_bytes = sum(index.root.size(n) for n in (CARD_NAME, MANIFEST_NAME, SAMPLES_NAME))
+    rejects = read_rejects(index.root)
+    reasons = {} if rejects is None else dict(Counter(rejects.column("reason").to_pylist()).most_common())
     return {
         "url": index.root.url,
         "card": {k: v for k, v in vars(card).items() if k not in ("channel_mean", "channel_std")},
@@ -32,6 +36,8 @@ def summarize(url: str, storage_options: dict | None = None) -> dict:
         "bytes_per_sample": card.total_bytes / card.num_samples,
         "raw_bytes_per_sample": spec.raw_sample_bytes,
         "compression_ratio": spec.raw_sample_bytes * card.num_samples / card.total_bytes,
+        "rejected": None if rejects is None else rejects.num_rows,  # inputs the encoder could not encode
+        "rejected_by_reason": reasons,
     }
 
 
@@ -55,4 +61,7 @@ def format_summary(s: dict) -> str:
         f"  channel std   {', '.join(f'{v:.4f}' for v in s['channel_std'])}",
         f"  source        {card['source_fingerprint'] or '(not recorded)'}",
     ]
+    if s["rejected"] is not None:
+        why = ", ".join(f"{reason} {n:,}" for reason, n in s["rejected_by_reason"].items())
+        lines.append(f"  rejected      {s['rejected']:,} inputs (rejects.parquet){': ' + why if why else ''}")
     return "\n".join(lines)

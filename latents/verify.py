@@ -3,31 +3,35 @@
 Checks: the card, manifest and sample table agree; keys are unique and their hashes right;
 every manifest shard exists, has its recorded size and sha256; its tar members are exactly the
 table's samples in order, at the recorded offsets; every frame of every sample decodes (zstd
-checksum) to the right dtype and shape with finite values; labels match; no shard files are
-unlisted and no temporary files are left behind.
+checksum) to the right dtype and shape with finite values and non-negative stds; labels match;
+no shard files are unlisted; the optional rejects.parquet (written by the encode job) is
+readable with its schema.
+
+Warnings, not problems: leftover temporary files (``<name>.tmp-<random>``) that a killed writer
+left; they never carry a final name, so the dataset is intact. ``strict`` makes them problems.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import zstandard
 
-from latents.dataset import LatentIndex
+from latents.dataset import LatentIndex, read_rejects
 from latents.format import (
     LABEL_SUFFIX,
     LATENTS_SUFFIX,
     SHARD_DIR,
+    STORED_POSTERIOR,
     DatasetError,
     decode_frame,
     flip_frame,
     key_hash,
+    read_tar,
 )
 from latents.storage import TEMP_MARK
 
@@ -36,22 +40,26 @@ from latents.storage import TEMP_MARK
 class VerifyReport:
     url: str
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # leftover temporaries: harmless, removable
     shards_checked: int = 0
     samples_checked: int = 0
+    rejected: int | None = None  # rows of rejects.parquet, if the encode job wrote one
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify(url: str, workers: int = 4, progress: bool = False, storage_options: dict | None = None) -> VerifyReport:
-    """Check the dataset at ``url``; never raises for dataset problems, reports them."""
+def verify(
+    url: str, workers: int = 4, progress: bool = False, storage_options: dict | None = None, strict: bool = False
+) -> VerifyReport:
+    """Check the dataset at ``url`` and report every problem found in its shards and samples.
+
+    Raises `DatasetError` (one message) if the dataset cannot be opened at all: no card, a bad
+    card, an unreadable or inconsistent index. ``strict``: leftover temporary files are
+    problems, not warnings."""
     report = VerifyReport(url)
-    try:
-        index = LatentIndex.open(url, storage_options)
-    except DatasetError as err:
-        report.problems.append(str(err))
-        return report
+    index = LatentIndex.open(url, storage_options)
     keys = index.samples.column("key").to_pylist()
     counts: dict[str, int] = {}
     for k in keys:
@@ -64,11 +72,20 @@ def verify(url: str, workers: int = 4, progress: bool = False, storage_options: 
     if wrong:
         report.problems.append(f"wrong key_hash for keys {wrong[:20]} ({len(wrong)} in all)")
 
+    try:
+        rejects = read_rejects(index.root)
+        report.rejected = None if rejects is None else rejects.num_rows
+    except DatasetError as err:
+        report.problems.append(str(err))
+
     names = index.shards.column("name").to_pylist()
     present = set(index.root.list(SHARD_DIR))
     for name in sorted(present - set(names)):
-        kind = "leftover temporary file" if TEMP_MARK in name else "shard file not in the manifest"
-        report.problems.append(f"{index.root.url_of(name)}: {kind}")
+        if TEMP_MARK in name:
+            message = f"{index.root.url_of(name)}: leftover temporary file of a killed writer (safe to delete)"
+            (report.problems if strict else report.warnings).append(message)
+        else:
+            report.problems.append(f"{index.root.url_of(name)}: shard file not in the manifest")
 
     def check(i: int) -> list[str]:
         return _check_shard(index, i, names[i] in present)
@@ -105,10 +122,9 @@ def _check_shard(index: LatentIndex, i: int, exists: bool) -> list[str]:
     first, n = row["first_sample"], row["num_samples"]
     table = index.samples.slice(first, n).to_pydict()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            members = {m.name: m for m in tar if m.isfile()}
-    except tarfile.TarError as err:
-        problems.append(f"{url}: not a readable tar: {err}")
+        members = {m.name: m for m in read_tar(data)}
+    except ValueError as err:
+        problems.append(f"{url}: {err}")
         members = {}
     expected = {k + s for k in table["key"] for s in (LATENTS_SUFFIX, LABEL_SUFFIX)}
     extra = sorted(set(members) - expected)
@@ -124,8 +140,8 @@ def _check_shard(index: LatentIndex, i: int, exists: bool) -> list[str]:
             if members:
                 problems.append(f"{where}: missing from the shard")
             continue
-        if (latents.offset_data, latents.size) != (offset, size):
-            problems.append(f"{where}: at [{latents.offset_data}, +{latents.size}), table says [{offset}, +{size})")
+        if (latents.offset, latents.size) != (offset, size):
+            problems.append(f"{where}: at [{latents.offset}, +{latents.size}), table says [{offset}, +{size})")
             continue
         member = data[offset : offset + size]
         try:
@@ -133,9 +149,11 @@ def _check_shard(index: LatentIndex, i: int, exists: bool) -> list[str]:
                 arr = decode_frame(flip_frame(member, f, flip_offset), spec, decompressor)
                 if not np.isfinite(arr).all():
                     raise ValueError(f"flip {f} has NaN or inf values")
+                if spec.stored == STORED_POSTERIOR and (arr[1] < 0).any():
+                    raise ValueError(f"flip {f} has a negative posterior std")
         except (ValueError, zstandard.ZstdError) as err:
             problems.append(f"{where}: does not decode: {err}")
-        stored_label = data[cls.offset_data : cls.offset_data + cls.size].decode(errors="replace")
+        stored_label = data[cls.offset : cls.offset + cls.size].decode(errors="replace")
         if stored_label != str(label):
             problems.append(f"{where}: label {stored_label!r} in the shard, {label} in the table")
     return problems

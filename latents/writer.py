@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -30,29 +29,34 @@ import zstandard
 from latents.format import (
     CARD_NAME,
     DEFAULT_SHARD_BYTES,
+    INDEX_NAMES,
     LABEL_SUFFIX,
     LATENTS_SUFFIX,
     MANIFEST_NAME,
+    REJECTS_NAME,
     SAMPLE_SCHEMA,
     SAMPLES_NAME,
+    SHARD_DIR,
     SHARD_SCHEMA,
+    TAR_BLOCK,
+    TAR_RECORD,
     ZSTD_LEVEL,
     DatasetCard,
     DatasetError,
     LatentSpec,
     ShardError,
     check_key,
+    check_sample,
     decode_frame,
     encode_sample,
     flip_frame,
     key_hash,
     label_bytes,
+    read_tar,
     shard_name,
+    tar_header,
 )
-from latents.storage import Root
-
-BLOCK = 512
-RECORD = 20 * BLOCK  # tar record size: archives are padded to a multiple of it
+from latents.storage import TEMP_MARK, Root
 
 
 def tool_version() -> str:
@@ -89,14 +93,6 @@ class ShardInfo:
         return len(self.keys)
 
 
-def _tar_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-
-
 class _ShardBuilder:
     """Accumulates one shard's tar bytes in memory, with its index rows and statistics."""
 
@@ -108,15 +104,15 @@ class _ShardBuilder:
         self.info = ShardInfo(index, 0, "", sum_mean=np.zeros(c), sum_sq=np.zeros(c), sum_var=np.zeros(c))
 
     def _member(self, name: str, data: bytes) -> int:
-        self.buf.write(_tar_header(name, len(data)))
+        self.buf.write(tar_header(name, len(data)))
         offset = self.buf.tell()
         self.buf.write(data)
-        self.buf.write(b"\0" * (-len(data) % BLOCK))
+        self.buf.write(b"\0" * (-len(data) % TAR_BLOCK))
         return offset
 
     def add(self, key: str, label: int, array: np.ndarray) -> None:
         check_key(key)
-        member, flip_offset = encode_sample(array, self.spec, self.compressor)
+        member, flip_offset = encode_sample(key, array, self.spec, self.compressor)
         info = self.info
         info.offsets.append(self._member(key + LATENTS_SUFFIX, member))
         self._member(key + LABEL_SUFFIX, label_bytes(label))
@@ -127,8 +123,8 @@ class _ShardBuilder:
         _accumulate(info, np.asarray(array, dtype=self.spec.storage_dtype), self.spec)
 
     def finish(self) -> bytes:
-        self.buf.write(b"\0" * (2 * BLOCK))
-        self.buf.write(b"\0" * (-self.buf.tell() % RECORD))
+        self.buf.write(b"\0" * (2 * TAR_BLOCK))
+        self.buf.write(b"\0" * (-self.buf.tell() % TAR_RECORD))
         data = self.buf.getvalue()
         self.info.num_bytes = len(data)
         self.info.sha256 = hashlib.sha256(data).hexdigest()
@@ -149,13 +145,18 @@ def _accumulate(info: ShardInfo, array: np.ndarray, spec: LatentSpec) -> None:
 def write_shard(
     root: Root | str, index: int, samples: Iterable[tuple[str, int, np.ndarray]], spec: LatentSpec
 ) -> ShardInfo:
-    """Write shard ``index`` from (key, label, (F, K, C, H, W) array) triples; atomically."""
+    """Write shard ``index`` from (key, label, (F, K, C, H, W) array) triples; atomically.
+
+    Sweeps the leftover temporaries of this shard (from a writer of it that was killed) first.
+    Raises ValueError naming the key for a sample the format cannot hold (NaN/inf, negative std).
+    """
     root = Root(root) if isinstance(root, str) else root
     builder = _ShardBuilder(index, spec)
     for key, label, array in samples:
         builder.add(key, label, array)
     if not builder.info.keys:
         raise ValueError(f"shard {index} has no samples")
+    root.sweep_temporaries([shard_name(index)])
     root.publish_bytes(shard_name(index), builder.finish())
     return builder.info
 
@@ -175,15 +176,16 @@ def read_shard_info(root: Root | str, index: int, spec: LatentSpec) -> ShardInfo
     info.sum_mean, info.sum_sq, info.sum_var = np.zeros(c), np.zeros(c), np.zeros(c)
     decompressor = zstandard.ZstdDecompressor()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            members = [m for m in tar if m.isfile()]
-    except tarfile.TarError as err:
-        raise ShardError(f"{root.url_of(name)}: not a readable tar ({err})") from None
+        members = read_tar(data)
+    except ValueError as err:
+        raise ShardError(f"{root.url_of(name)}: {err}") from None
+    if len(members) % 2:
+        raise ShardError(f"{root.url_of(name)}: odd number of members ({len(members)}); last {members[-1].name!r}")
     for latents, label in zip(members[::2], members[1::2], strict=True):
         key = latents.name.removesuffix(LATENTS_SUFFIX)
         if not latents.name.endswith(LATENTS_SUFFIX) or label.name != key + LABEL_SUFFIX:
             raise ShardError(f"{root.url_of(name)}: unexpected members {latents.name!r}, {label.name!r}")
-        member = data[latents.offset_data : latents.offset_data + latents.size]
+        member = data[latents.offset : latents.offset + latents.size]
         flip_offset = _first_frame_size(member) if spec.flips else 0
         frames = [flip_frame(member, f, flip_offset) for f in range(spec.num_flips)]
         try:
@@ -191,8 +193,8 @@ def read_shard_info(root: Root | str, index: int, spec: LatentSpec) -> ShardInfo
         except (ValueError, zstandard.ZstdError) as err:
             raise ShardError(f"{root.url_of(name)}: sample {key}: {err}") from None
         info.keys.append(key)
-        info.labels.append(int(data[label.offset_data : label.offset_data + label.size]))
-        info.offsets.append(latents.offset_data)
+        info.labels.append(int(data[label.offset : label.offset + label.size]))
+        info.offsets.append(latents.offset)
         info.sizes.append(latents.size)
         info.flip_offsets.append(flip_offset)
         _accumulate(info, array, spec)
@@ -217,7 +219,11 @@ def finalize(
     source_fingerprint: str = "",
     extra: dict | None = None,
 ) -> DatasetCard:
-    """Write samples.parquet, manifest.parquet and, last, card.json for committed shards."""
+    """Write samples.parquet, manifest.parquet and, last, card.json for committed shards.
+
+    The finalizer owns the whole dataset: it first sweeps every leftover temporary (of shards
+    and index files) that killed writers left, so the finished dataset verifies clean.
+    """
     root = Root(root) if isinstance(root, str) else root
     shards = sorted(shards, key=lambda s: s.index)
     indices = [s.index for s in shards]
@@ -280,6 +286,8 @@ def finalize(
         tool_version=tool_version(),
         extra=extra or {},
     )
+    stale_shards = {n[: n.index(TEMP_MARK)] for n in root.list(SHARD_DIR) if TEMP_MARK in n}
+    root.sweep_temporaries([*sorted(stale_shards), *INDEX_NAMES, REJECTS_NAME])
     root.publish_bytes(SAMPLES_NAME, _parquet_bytes(samples))
     root.publish_bytes(MANIFEST_NAME, _parquet_bytes(manifest))
     root.publish_bytes(CARD_NAME, card.to_json().encode())
@@ -287,9 +295,9 @@ def finalize(
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    sink = pa.BufferOutputStream()  # arrow-owned memory: no Python file object in arrow's threads
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 class DatasetWriter:
@@ -339,7 +347,8 @@ class DatasetWriter:
 
     def add(self, key: str, label: int, array: np.ndarray) -> None:
         """Add one sample: ``array`` of shape (F, K, C, H, W) (see `LatentSpec.sample_shape`)."""
-        self._pending.append((check_key(key), int(label), array))
+        check_sample(check_key(key), array, self.spec)
+        self._pending.append((key, int(label), array))
         if len(self._pending) == self.samples_per_shard:
             self._flush()
 

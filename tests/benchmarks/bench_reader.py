@@ -8,9 +8,13 @@ draw the posterior noise, scale.
 
 Both read from local disk (page cache warm: the second of two epochs is timed) and from moto's
 S3 server in its own process. The reading process is pinned to CPU 0 with one torch thread; the
-server to CPU 1. Prints one JSON line per figure.
+server to CPU 1. Also measured for ours: the first-batch latency (a fresh loader, until its first
+batch) and the peak RSS of one DataLoader worker over an epoch (VmRSS of /proc/PID/status,
+polled every 10 ms), started with "spawn" so that none of the parent's pages are counted (its
+imports - torch, pyarrow - are). Prints one JSON line per figure; ``--label`` tags them (to
+compare two versions of the reader, run one after the other with PYTHONPATH pointing at each).
 
-    python -m tests.benchmarks.bench_reader [--local-samples 20000] [--s3-samples 3000]
+    python -m tests.benchmarks.bench_reader [--local-samples 20000] [--s3-samples 3000] [--label x]
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from datetime import date
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -113,7 +119,47 @@ def time_epochs(make_iter, epochs: int) -> tuple[float, int]:
     return rate, n
 
 
+def first_batch_seconds(url: str) -> float:
+    start = time.perf_counter()
+    next(iter(LatentLoader(LatentDataset(url, BATCH, seed=0))))
+    return time.perf_counter() - start
+
+
+def children_rss_mib() -> float:
+    """Largest RSS among this process's children, in MiB."""
+    pids = [p for task in Path("/proc/self/task").iterdir() for p in (task / "children").read_text().split()]
+    largest = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:  # the worker just exited
+            continue
+        largest = max([largest] + [int(line.split()[1]) for line in lines if line.startswith("VmRSS")])
+    return largest / 1024
+
+
+def worker_peak_rss(url: str) -> int:
+    """Peak RSS of one spawned DataLoader worker reading an epoch, in MiB."""
+    peak, done = [0.0], threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], children_rss_mib())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in LatentLoader(LatentDataset(url, BATCH, seed=0), num_workers=1, multiprocessing_context="spawn"):
+            pass
+    finally:
+        done.set()
+        poller.join()
+    return round(peak[0])
+
+
 def measure(name: str, url_ours: str, url_npy: str, n: int, epochs: int, common: dict) -> None:
+    latency = first_batch_seconds(url_ours)
+    print(json.dumps({**common, "source": name, "impl": "ours", "figure": "first_batch_s", "s": round(latency, 3)}))
     ours_loader = LatentLoader(LatentDataset(url_ours, BATCH, seed=0))
     ours, n_ours = time_epochs(lambda: ours_loader, epochs)
     baseline_loader = DataLoader(NpyFiles(url_npy, n), batch_size=BATCH, shuffle=True, num_workers=0)
@@ -128,6 +174,7 @@ def main() -> None:
     parser.add_argument("--local-samples", type=int, default=20000)
     parser.add_argument("--s3-samples", type=int, default=3000)
     parser.add_argument("--cpu", type=int, default=0, help="CPU the reader is pinned to")
+    parser.add_argument("--label", default="current", help="tag for every line (which reader version)")
     args = parser.parse_args()
 
     os.sched_setaffinity(0, {args.cpu})
@@ -141,6 +188,7 @@ def main() -> None:
         "reader_cores": 1,
         "date": date.today().isoformat(),
         "batch": BATCH,
+        "label": args.label,
     }
     with tempfile.TemporaryDirectory() as tmp:
         fmt = write_ours(f"{tmp}/ours", args.local_samples)
@@ -154,6 +202,8 @@ def main() -> None:
                 }
             )
         )
+        rss = {"worker_peak_rss_mib": worker_peak_rss(f"{tmp}/ours")}
+        print(json.dumps({**common, "source": "local_disk", "impl": "ours", "figure": "memory", **rss}))
         write_npy_files(f"{tmp}/npy", args.local_samples)
         measure("local_disk", f"{tmp}/ours", f"{tmp}/npy", args.local_samples, 2, common)
 

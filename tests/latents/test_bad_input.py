@@ -30,8 +30,11 @@ from tests.latents.conftest import make_samples, write_dataset
 
 
 def read_all(url: str, **kw) -> LatentLoader:
+    """Read one epoch; checks every yielded batch is full, and that the loader counted them."""
     ld = LatentLoader(LatentDataset(url, 5, **kw))
-    list(ld)
+    ld.batches = list(ld)
+    assert len(ld.batches) == len(ld) == 20  # 100 samples, batches of 5: lockstep kept
+    assert all(len(b["keys"]) == 5 and b["latents"].shape == (5, 4, 8, 8) for b in ld.batches)  # never short
     return ld
 
 
@@ -61,7 +64,10 @@ def test_truncated_shard(dataset):
         read_all(dataset, shuffle=False)
     skipped = read_all(dataset, shuffle=False, bad_shard="skip")
     assert skipped.skipped and all("000002.tar: truncated" in reason for _, reason in skipped.skipped)
-    assert len(skipped.skipped) < 17
+    assert len(skipped.skipped) == skipped.skipped_count < 17
+    yielded = [k for b in skipped.batches for k in b["keys"]]
+    assert not {k for k, _ in skipped.skipped} & set(yielded)  # the unreadable samples never appear
+    assert len(yielded) - len(set(yielded)) == skipped.skipped_count  # replaced by repeats of readable ones
 
 
 def test_corrupt_latents_bytes(dataset):
@@ -73,8 +79,10 @@ def test_corrupt_latents_bytes(dataset):
     with pytest.raises(ShardError, match=r"000002\.tar: sample img/00040"):
         read_all(dataset, shuffle=False, random_flip=False)
     ld = read_all(dataset, shuffle=False, random_flip=False, bad_shard="skip")
-    assert [k for k, _ in ld.skipped] == ["img/00040"]
-    assert len(ld) == 20  # lockstep kept: every batch still delivered, one of them short
+    assert [k for k, _ in ld.skipped] == ["img/00040"] and ld.skipped_count == 1
+    yielded = [k for b in ld.batches for k in b["keys"]]
+    assert "img/00040" not in yielded and yielded.count("img/00041") == 2  # the next readable one stands in
+    assert ld.state_dict()["skipped"] == [list(ld.skipped[0])]
 
 
 def test_corrupt_label_member_is_a_checksum_mismatch(dataset):
@@ -144,7 +152,8 @@ def test_unknown_format_version(dataset):
     (Path(dataset) / CARD_NAME).write_text(json.dumps(card))
     with pytest.raises(UnsupportedFormatError, match="format version 99 is not supported"):
         LatentDataset(dataset, 5)
-    assert "format version 99" in verify(dataset).problems[0]
+    with pytest.raises(UnsupportedFormatError, match="format version 99"):
+        verify(dataset)
 
 
 def test_missing_card_or_manifest(dataset, tmp_path):
@@ -154,7 +163,8 @@ def test_missing_card_or_manifest(dataset, tmp_path):
     (Path(dataset) / CARD_NAME).unlink()
     with pytest.raises(IncompleteDatasetError, match=r"card\.json is missing"):
         LatentDataset(dataset, 5)
-    assert "incomplete" in verify(dataset).problems[0]
+    with pytest.raises(IncompleteDatasetError, match="incomplete"):
+        verify(dataset)
     with pytest.raises(DatasetError, match="no latent dataset here"):
         LatentDataset(str(tmp_path / "nothing"), 5)
 
@@ -163,12 +173,16 @@ def test_missing_shard_and_stray_files(dataset):
     (Path(dataset) / shard_name(4)).unlink()
     (Path(dataset) / "shards" / "000007.tar").write_bytes(b"x")
     (Path(dataset) / "shards" / "000001.tar.tmp-abc").write_bytes(b"x")
-    problems = verify(dataset).problems
-    assert any("000004.tar: missing (17 samples)" in p for p in problems)
-    assert any("000007.tar: shard file not in the manifest" in p for p in problems)
-    assert any("000001.tar.tmp-abc: leftover temporary file" in p for p in problems)
+    report = verify(dataset)
+    assert any("000004.tar: missing (17 samples)" in p for p in report.problems)
+    assert any("000007.tar: shard file not in the manifest" in p for p in report.problems)
+    assert [w for w in report.warnings if "000001.tar.tmp-abc: leftover temporary file" in w]
+    assert not any("tmp-abc" in p for p in report.problems)
+    assert any("tmp-abc: leftover temporary" in p for p in verify(dataset, strict=True).problems)
     with pytest.raises(ShardError, match=r"000004\.tar: shard is missing"):
         read_all(dataset)
+    ld = read_all(dataset, bad_shard="skip")  # a whole shard gone: its samples are replaced, no batch is short
+    assert ld.skipped_count == len(ld.skipped) >= 1
 
 
 def test_inconsistent_index(dataset):
@@ -232,3 +246,18 @@ def test_unreachable_store_gives_an_error_naming_the_shard(tmp_path):
             os.environ.pop("AWS_ENDPOINT_URL")
         else:
             os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+def test_skip_record_is_bounded_and_resumes(dataset, monkeypatch):
+    import latents.reader
+
+    monkeypatch.setattr(latents.reader, "MAX_SKIP_RECORD", 4)
+    (Path(dataset) / shard_name(1)).unlink()
+    ld = LatentLoader(LatentDataset(dataset, 5, shuffle=False, bad_shard="skip"))
+    head = [b for _, b in zip(range(8), ld, strict=False)]
+    state = ld.state_dict()
+    assert len(state["skipped"]) == 4 < state["skipped_count"] <= 17
+    resumed = LatentLoader(LatentDataset(dataset, 5, shuffle=False, bad_shard="skip"))
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == 20 and resumed.skipped_count == 17 and len(resumed.skipped) == 4

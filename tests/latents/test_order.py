@@ -1,5 +1,6 @@
 """Exactly once and lockstep: every rank the same number of batches, every sample at most once
-per epoch, and everything but the stated remainder (< world_size * batch_size) delivered."""
+per epoch, and everything but the stated remainder (< world_size * batch_size) delivered; the
+epoch's samples and their per-step grouping do not depend on the DataLoader worker count."""
 
 import itertools
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from latents.plan import resume_assignment, worker_batches, worker_plan
+from latents.plan import epoch_streams, worker_streams
 from latents.reader import LatentDataset, LatentLoader
 from tests.latents.conftest import make_samples, write_dataset
 
@@ -57,8 +58,9 @@ def test_order_is_deterministic_and_epochs_differ(dataset_203):
 
 def test_shuffle_mixes_shards_within_a_window(dataset_203):
     ds = LatentDataset(dataset_203, BATCH, seed=3, shuffle_buffer_bytes=40 * 4300)  # ~40 samples, 2-3 shards
-    assert ds.window == 40
-    keys = [b["keys"] for b in LatentLoader(ds)]
+    loader = LatentLoader(ds)
+    assert ds.window == 40 and ds.streams == 1
+    keys = [b["keys"] for b in loader]
     shard_of = {f"img/{i:05d}": i // 17 for i in range(N)}
     first_window = [shard_of[k] for b in keys[:8] for k in b]  # 40 samples: the window spans 3 shards
     assert len(set(first_window)) >= 3
@@ -89,41 +91,21 @@ def test_flips_and_noise_depend_on_seed_epoch_and_key_only(dataset_203):
         assert 0.3 < flips_changed < 0.7
 
 
-@pytest.mark.parametrize("nb,workers", [(10, 3), (7, 4), (3, 3), (2, 4)])
-def test_plan_round_robin_dealing(nb, workers):
-    counts = [worker_batches(nb, workers, w) for w in range(workers)]
-    assert sum(counts) == nb and max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
-    for consumed in range(nb + 1):
-        # simulated DataLoader: round robin over physical workers, skipping exhausted ones
-        streams = []
-        for p in range(workers):
-            logical, first = resume_assignment(consumed, workers, p)
-            streams.append([logical + workers * r for r in range(first, worker_batches(nb, workers, logical))])
-        order = []
-        while any(streams):
-            for s in streams:
-                if s:
-                    order.append(s.pop(0))
-        assert order == list(range(consumed, nb))
+def test_batches_hold_the_same_samples_whatever_the_worker_count(dataset_203):
+    def sets(workers):
+        ds = LatentDataset(dataset_203, 6, world_size=2, rank=1, seed=3, streams=6, shuffle_buffer_bytes=4000)
+        return [set(b["keys"]) for b in LatentLoader(ds, num_workers=workers)]
+
+    assert sets(0) == sets(2) == sets(3)
 
 
-def test_worker_plans_partition_the_rank():
+@pytest.mark.parametrize("streams,world,workers", [(12, 1, 1), (12, 3, 2), (12, 4, 5), (6, 2, 3), (8, 8, 1)])
+def test_streams_partition_the_epoch(streams, world, workers):
     first, count = np.array([0, 17, 34, 51]), np.array([17, 17, 17, 9])
-    for world in (1, 2, 3):
-        rows = []
-        for rank in range(world):
-            for w in range(3):
-                plan = worker_plan(
-                    first,
-                    count,
-                    seed=1,
-                    epoch=0,
-                    world_size=world,
-                    rank=rank,
-                    workers=3,
-                    worker=w,
-                    batch_size=4,
-                    window=8,
-                )
-                rows.extend(plan.rows.tolist())
-        assert len(rows) == len(set(rows)) == 60 // (world * 4) * world * 4
+    owned = [s for r in range(world) for w in range(workers) for s in worker_streams(streams, world, r, w, workers)]
+    assert sorted(owned) == list(range(streams))  # every stream has exactly one reader
+    rows = epoch_streams(
+        first, count, range(streams), seed=1, epoch=0, num_streams=streams, global_batch=24, window=24 // streams * 2
+    )
+    assert rows.shape == (streams, 60 // 24 * 24 // streams)
+    assert len(set(rows.ravel().tolist())) == rows.size == 48  # 2 steps of 24; 12 samples wait

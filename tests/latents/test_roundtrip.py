@@ -6,8 +6,8 @@ import torch
 import zstandard
 
 from latents.dataset import LatentIndex
-from latents.format import decode_frame, flip_frame, shard_name
-from latents.reader import LatentDataset, LatentLoader, sample_seeds
+from latents.format import decode_frame, flip_frame, sample_seeds, shard_name
+from latents.reader import LatentDataset, LatentLoader
 from tests.latents.conftest import SCALE, make_samples, write_dataset
 
 

@@ -119,5 +119,20 @@ def test_meta_build_then_materialise_matches_normal_init():
     meta.initialize_weights()
     ref = build_model("SiT-S/8", input_size=16)
     assert torch.equal(meta.pos_embed, ref.pos_embed)
+    for (name, a), (_, b) in zip(meta.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.isfinite(a).all(), name  # nothing left of to_empty's uninitialised memory
+        assert bool((a == 0).all()) == bool((b == 0).all()), name  # the same parts are zero-initialised
+    # The same non-zero weights must give the same function. (Compared straight after init, both
+    # outputs would be zero - adaLN-Zero - and equal whatever the blocks compute.)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    weights = {k: v for k, v in ref.state_dict().items() if k != "pos_embed"}  # meta keeps its own positions
+    missing, unexpected = meta.load_state_dict(weights, strict=False)
+    assert missing == ["pos_embed"] and unexpected == []
+    meta.eval(), ref.eval()
     x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 2])
-    assert torch.equal(meta(x, t, y), ref(x, t, y))  # both zero (adaLN-Zero) and finite
+    out = ref(x, t, y)
+    assert out.abs().mean() > 1e-2
+    assert torch.equal(meta(x, t, y), out)
