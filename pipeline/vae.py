@@ -8,12 +8,14 @@ comes from the VAE's own config (0.18215 for the SD VAEs).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the CLI imports this module for its choices
+    import torch
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 VAE_CHOICES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
-VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # never fp16: it overflows on some images
+VAE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names; never fp16: it overflows on some images
 
 
 class VaeNotFoundError(FileNotFoundError):
@@ -21,14 +23,19 @@ class VaeNotFoundError(FileNotFoundError):
 
 
 def vae_dtype(name: str) -> torch.dtype:
+    import torch
+
     if name not in VAE_DTYPES:
         raise ValueError(f"unknown VAE dtype {name!r}; valid: {', '.join(VAE_DTYPES)} (fp16 overflows, never used)")
-    return VAE_DTYPES[name]
+    return getattr(torch, VAE_DTYPES[name])
 
 
-def load_vae(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """An `AutoencoderKL` in eval mode, from a local directory or a locally cached hub id."""
+def load_vae(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """An `AutoencoderKL` in eval mode (float32 unless ``dtype``), from a local directory or a cached hub id."""
+    import torch
     from diffusers import AutoencoderKL
+
+    dtype = dtype or torch.float32
 
     local = os.path.isdir(name_or_path)
     try:
@@ -43,7 +50,7 @@ def load_vae(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
             f"`huggingface-cli download {DEFAULT_VAE} --local-dir sd-vae-ft-ema` on a machine with network), "
             f"or pre-fill the hub cache (HF_HOME)."
         ) from None
-    return vae.to(device=device, dtype=dtype).eval()
+    return vae.to(device=device).eval()  # already in ``dtype`` (casting again makes diffusers warn)
 
 
 def scaling_factor(vae) -> float:
