@@ -1,8 +1,23 @@
-"""`sit models`: the model presets with their sizes and parameter counts."""
+"""`sit models` (the model presets) and `sit train` (the trainer; also `python -m trainer.train`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+TRAIN_DESCRIPTION = """\
+Train a SiT model on a latent dataset written by `sit encode`, with FSDP2 on any number of
+processes (one here; `torchrun --nproc_per_node N -m trainer.train ...` for more, same flags).
+
+The config is a preset (--preset), then a JSON file (--config), then KEY=VALUE overrides
+(--set optim.lr=2e-4, repeatable); --dry-run prints the resolved config and every key.
+Checkpoints go to checkpoint.url (default <run-dir>/checkpoints; any fsspec URL such as
+s3://bucket/run) and a restart resumes from the newest complete one. SIGTERM or SIGUSR1 finish
+the current step, write a checkpoint and exit with code 75: a launcher restarts on 75 and stops
+on 0. Outputs in --run-dir: config.json, metrics.jsonl, tensorboard/, samples/*.png and, at the
+end, ema.safetensors (the consolidated EMA, loadable by `sit sample`).
+"""
 
 
 def models(args: argparse.Namespace) -> int:
@@ -20,9 +35,107 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from trainer.config import PRESETS
+
+    p.add_argument("--preset", default="sit-xl2-256", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
+    p.add_argument("--config", metavar="FILE", help="a .json file of config sections applied on the preset")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set optim.lr=2e-4 --set parallel.precision=fp32 (repeatable)",
+    )
+    p.add_argument("--data", metavar="URL", help="the latent dataset (same as --set data.url=URL)")
+    p.add_argument("--run-dir", metavar="DIR", help="local folder for logs, grids and the export (run_dir)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps in total (total_steps)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def resolve_args(args: argparse.Namespace):
+    from trainer.config import resolve
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.url={args.data}")
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.steps is not None:
+        overrides.append(f"total_steps={args.steps}")
+    return resolve(args.preset, args.config, overrides)
+
+
+def train(args: argparse.Namespace) -> int:
+    config = resolve_args(args)
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=1))
+        return 0
+    from trainer.train import train as run
+
+    result = run(config)
+    if result.step and config.run_dir:
+        state = "preempted, resume by starting again" if result.exit_code else "finished"
+        print(
+            f"{state}: step {result.step}/{config.total_steps}, {result.images_seen:,} images, "
+            f"last loss {result.last_loss:.4f}, {result.nonfinite_steps} non-finite steps skipped"
+            + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
+        )
+        if result.checkpoint:
+            print(f"checkpoint: {result.checkpoint}")
+        if result.export:
+            print(f"EMA export: {result.export}")
+    return result.exit_code
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions `sit train` reports as one line (exit 1) instead of a traceback."""
+    from latents.format import DatasetError
+    from pipeline.vae import VaeNotFoundError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.export import ExportError
+    from trainer.train import DatasetMismatchError, NonFiniteLossError
+
+    return (
+        ConfigError,
+        DatasetMismatchError,
+        NonFiniteLossError,
+        CheckpointError,
+        DatasetError,
+        ExportError,
+        VaeNotFoundError,
+    )
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.train`: the same flags as `sit train` (for torchrun)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.train",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list the SiT model presets", description=__doc__)
+    p = subparsers.add_parser("models", help="list the SiT model presets", description=models.__doc__)
     p.add_argument(
         "--input-size", type=int, default=32, help="latent side: 32 for 256 px, 64 for 512 px (default: %(default)s)"
     )
     p.set_defaults(func=models)
+    p = subparsers.add_parser(
+        "train",
+        help="train SiT on a latent dataset (FSDP2, exact resume)",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=train)

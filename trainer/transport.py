@@ -271,12 +271,18 @@ class Transport:
     ) -> dict[str, Tensor]:
         """Draw t and x0 from ``generator``, run the model on x_t, return per-sample losses.
 
-        Returns {"loss": (B,), "t": (B,), "pred": model output}.
+        Returns {"loss": (B,), "t": (B,), "pred": model output}, loss and t in float32.
+
+        Time, noise, the interpolation and the loss are computed in float32 whatever the data's
+        or the model's dtype: in bfloat16 a t near 1 rounds to 1.0, where sigma = 0 and the VP
+        velocity target and the score/noise weights are infinite. (The model may compute in a
+        lower precision; its output is promoted to float32 for the loss.)
         """
-        t = self.sample_time(x1.shape[0], generator, x1.device).to(x1.dtype)
-        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        x1 = x1.float()
+        t = self.sample_time(x1.shape[0], generator, x1.device)  # (B,) float32
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=torch.float32)
         x_t, _ = self.path.interpolate(t, x0, x1)
         out = model(x_t, t, **model_kwargs)
         if out.shape != x1.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} != data shape {tuple(x1.shape)}")
-        return {"loss": self.loss(out, t, x0, x1), "t": t, "pred": out}
+        return {"loss": self.loss(out.float(), t, x0, x1), "t": t, "pred": out}

@@ -1,0 +1,129 @@
+"""Checkpoints: completion marker, checksums, fallback, retention, object storage (moto S3)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from tests.trainer.conftest import assert_identical, consolidated, tiny_config, write_toy_dataset
+from trainer.checkpoint import MARKER, CheckpointError, CheckpointManager, step_folder
+from trainer.train import train
+
+SETTINGS = {"total_steps": 10, "checkpoint": {"every": 5}, "data": {"global_batch_size": 8}, "export": False}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "ds"), n=32)
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, data) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = train(tiny_config(data, str(run_dir), **SETTINGS))
+    assert result.exit_code == 0 and result.step == 10
+    return run_dir
+
+
+@pytest.fixture
+def trained(tmp_path, trained_once) -> tuple[str, str]:
+    """A copy of a run directory with complete checkpoints at steps 5 and 10; (run_dir, checkpoint url)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_once, run_dir)
+    return str(run_dir), f"{run_dir}/checkpoints"
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:-7])
+    else:  # flipped bytes in the middle, same size
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "flipped"])
+@pytest.mark.parametrize("member", ["__0_0.distcp", "rank-00000.pt", ".metadata"])
+def test_damaged_checkpoint_is_named_and_skipped(trained, caplog, how, member):
+    _, url = trained
+    newest = step_folder(url, 10)
+    _damage(Path(newest) / member, how)
+    manager = CheckpointManager(url)
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest}/{member}")):
+        manager.verify(newest)
+    with pytest.raises(CheckpointError, match=re.escape(member)):  # an explicitly named checkpoint: an error
+        manager.find_resume(newest)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert manager.find_resume("auto") == step_folder(url, 5)  # automatic resume: the previous one
+    assert member in caplog.text
+
+
+def test_folder_without_marker_is_never_loaded_and_resume_continues(trained, data):
+    run_dir, url = trained
+    (Path(step_folder(url, 10)) / MARKER).unlink()
+    assert CheckpointManager(url).find_resume("auto") == step_folder(url, 5)
+    result = train(tiny_config(data, run_dir, **{**SETTINGS, "total_steps": 12}))
+    assert result.resumed_from == step_folder(url, 5)
+    assert result.step == 12
+    assert (Path(step_folder(url, 10)) / MARKER).exists()  # redone from step 5, marker written last
+
+
+def test_no_complete_checkpoint_starts_fresh_or_names_the_folder(tmp_path):
+    manager = CheckpointManager(str(tmp_path / "none"))
+    assert manager.find_resume("auto") is None
+    assert manager.find_resume("none") is None
+    with pytest.raises(CheckpointError, match="step-000000003"):
+        manager.find_resume(str(tmp_path / "none" / "step-000000003"))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the manager on its own, no process group
+def test_retention_keeps_last_k_and_every_m(tmp_path):
+    url = str(tmp_path / "ckpt")
+    manager = CheckpointManager(url, keep_last=2, keep_every=4)
+    for step in range(2, 14, 2):
+        manager.save(step, {"w": torch.full((3,), float(step))}, {"step": step})
+    assert manager.complete_steps() == [4, 8, 10, 12]
+    state = {"w": torch.zeros(3)}
+    assert manager.load(step_folder(url, 8), state) == {"step": 8}
+    assert torch.equal(state["w"], torch.full((3,), 8.0))
+
+
+def test_checkpoints_on_s3(s3_bucket, tmp_path, data):
+    url = f"{s3_bucket}/run/checkpoints"
+    config = tiny_config(data, str(tmp_path / "run"), **{**SETTINGS, "total_steps": 6, "checkpoint": {"every": 3}})
+    config.checkpoint.url = url
+    assert train(config).step == 6
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert fs.exists(f"{step_folder(url, 6)}/{MARKER}")
+    manager = CheckpointManager(url)
+    assert manager.complete_steps() == [3, 6]
+    manager.verify(step_folder(url, 6))
+
+    config.total_steps = 9
+    result = train(config)
+    assert result.resumed_from == step_folder(url, 6) and result.step == 9
+    fs.rm(f"{step_folder(url, 9)}/{MARKER}".removeprefix("s3://"))
+    assert CheckpointManager(url).find_resume("auto") == step_folder(url, 6)
+    fs.pipe(f"{step_folder(url, 6)}/rank-00000.pt".removeprefix("s3://"), b"damaged")
+    with pytest.raises(CheckpointError, match=re.escape("rank-00000.pt")):
+        CheckpointManager(url).verify(step_folder(url, 6))
+    assert CheckpointManager(url).find_resume("auto") == step_folder(url, 3)
+
+
+def test_async_save_writes_the_same_checkpoints(tmp_path, data, trained_once):
+    run_dir = tmp_path / "async"
+    result = train(tiny_config(data, str(run_dir), **{**SETTINGS, "checkpoint": {"every": 5, "async_save": True}}))
+    assert result.step == 10
+    for step in (5, 10):  # step 5 uploaded in the background while steps 6-10 ran
+        ours, blocking = step_folder(f"{run_dir}/checkpoints", step), step_folder(f"{trained_once}/checkpoints", step)
+        CheckpointManager(f"{run_dir}/checkpoints").verify(ours)
+        assert_identical(consolidated(blocking, tmp_path), consolidated(ours, tmp_path))
