@@ -1,7 +1,9 @@
-"""`sit demo`: what the installed system can run end to end on embedded defaults.
+"""The sampling package's subcommands: `sit selfcheck` here, `sit sample` and `sit eval` in
+`sampling.commands`.
 
-Today (foundation only) that is the sampler self-check on Gaussian data; the encode -> train
--> sample pipeline joins it as those jobs land.
+`sit selfcheck` runs every sampler family (adaptive and fixed-step ODE, Euler-Maruyama and Heun
+SDE, likelihood) on every path against the closed-form answer for Gaussian data, where the exact
+velocity is known: a check of the installed samplers that needs no trained model.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from sampling import commands
 
-def demo(args: argparse.Namespace) -> int:
+
+def selfcheck(args: argparse.Namespace) -> int:
     from sampling.gaussian import gaussian_self_check
 
     start = time.perf_counter()
@@ -26,12 +30,13 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    commands.register(subparsers)
     p = subparsers.add_parser(
-        "demo",
-        help="run the end-to-end demo on embedded defaults (CPU, local files)",
+        "selfcheck",
+        help="check the samplers against closed-form answers on Gaussian data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--samples", type=int, default=4096, help="SDE samples per path (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.set_defaults(func=demo)
+    p.set_defaults(func=selfcheck)

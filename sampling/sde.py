@@ -15,6 +15,7 @@ Euler-Maruyama with 250 steps makes exactly 250 model calls; Heun 2 per SDE step
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -104,15 +105,19 @@ def sample_sde(
     diffusion_norm: float = 1.0,
     last_step: LastStep | str = LastStep.MEAN,
     last_step_size: float = 0.04,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> SampleResult:
     """Sample from noise ``x`` (at t0) to data. Released defaults: Euler-Maruyama, 250 steps,
     diffusion form ``sigma`` with norm 1, last step ``Mean`` of size 0.04.
 
     The Brownian increments are drawn from ``generator`` (same generator state, same samples).
+    A sequence of generators, one per sample, draws sample b's increments from generator b
+    alone, so a sample does not depend on the batch it runs in (the bulk sampler's contract).
     """
     method = parse_choice(SdeMethod, method)
     last_step = parse_choice(LastStep, last_step)
+    if isinstance(generator, Sequence) and len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} samples")
     path = transport.path
     t0, t1 = sde_interval(transport, diffusion_form, last_step, last_step_size)
     sde_steps = num_steps - (last_step is not LastStep.NONE)
@@ -131,6 +136,10 @@ def sample_sde(
         return v + w(t) * s
 
     def noise() -> Tensor:
+        if isinstance(generator, Sequence):
+            return torch.stack(
+                [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator]
+            )
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     grid = torch.linspace(t0, t1, sde_steps + 1, dtype=torch.float64)

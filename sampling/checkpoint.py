@@ -1,0 +1,151 @@
+"""Load the model to sample from, and check it against the VAE and the image size.
+
+Two kinds of checkpoint, any fsspec URL:
+
+* our EMA export (`trainer.export`: safetensors with the model config in its metadata);
+* a released SiT/DiT ``.pt`` (a plain state dict or a training checkpoint with an ``ema``
+  entry). Its architecture is read from the weights' shapes (depth, width, patch, channels,
+  classes, latent size); the head count is not in the weights: it comes from ``--model NAME``
+  (a preset, checked against the weights) or ``--num-heads``.
+
+The model must fit the VAE: its latent channels equal the VAE's latent channels, and its latent
+side equals image size / the VAE's downsampling factor. A mismatch is refused naming both values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import fsspec
+import torch
+
+from trainer.checkpoint_import import load_released, read_released_state_dict
+from trainer.export import EXPORT_FORMAT, read_export
+from trainer.model import SiT, SiTConfig, sit_config
+
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # the presets' (hidden -> heads)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be sampled from as asked; the message names the file and values."""
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole file at ``url``; `FileNotFoundError` naming it when missing."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {url}") from None
+
+
+def is_export(data: bytes) -> bool:
+    """Whether ``data`` is a safetensors file whose metadata says it is our export."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if not 0 < n < len(data):
+            return False
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (header.get("__metadata__") or {}).get("format") == EXPORT_FORMAT
+
+
+def infer_config(state: dict[str, torch.Tensor], num_heads: int) -> SiTConfig:
+    """The SiT architecture of a released state dict (heads given: they leave no trace in weights)."""
+    try:
+        proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+        hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+        table = state["y_embedder.embedding_table.weight"]  # (classes + 1, D) with a null class
+        tokens = state["pos_embed"].shape[1]
+        out = state["final_layer.linear.weight"].shape[0]
+        mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(f"not a SiT/DiT state dict: no {err.args[0]!r}") from None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    grid = round(tokens**0.5)
+    return SiTConfig(
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=num_heads,
+        patch_size=patch,
+        input_size=grid * patch,
+        in_channels=in_channels,
+        num_classes=table.shape[0] - 1,
+        learn_sigma=out == patch * patch * in_channels * 2,
+        mlp_ratio=mlp / hidden,
+    )
+
+
+def load_checkpoint(
+    url: str, model_name: str | None = None, num_heads: int | None = None
+) -> tuple[SiT, str, dict | None]:
+    """(model in eval mode on CPU, sha256 of the file, training transport) of a checkpoint.
+
+    The training transport is an export's ``extra["transport"]`` (None for released files).
+    """
+    data = read_bytes(url)
+    digest = hashlib.sha256(data).hexdigest()
+    if is_export(data):
+        config, state, extra = read_export(url)  # reads the file again: it parses the metadata itself
+        if model_name is not None:
+            _check_preset(url, model_name, config)
+        model = SiT(config)
+        model.load_state_dict(state, strict=True)
+        return model.eval(), digest, extra.get("transport")
+    try:
+        state = read_released_state_dict(io.BytesIO(data))
+    except Exception as err:  # torch.load's errors for a non-checkpoint vary by version
+        raise CheckpointError(f"{url}: neither a SiT export nor a torch checkpoint ({err})") from None
+    width = state["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state else None
+    if model_name is not None:
+        heads = sit_config(model_name).num_heads
+    elif num_heads is not None:
+        heads = num_heads
+    elif width in _HEADS_BY_WIDTH:
+        heads = _HEADS_BY_WIDTH[width]
+    else:
+        raise CheckpointError(
+            f"{url}: hidden size {width} matches no preset; pass --num-heads (heads are not stored in the weights)"
+        )
+    try:
+        config = infer_config(state, heads)
+    except CheckpointError as err:
+        raise CheckpointError(f"{url}: {err}") from None
+    if model_name is not None:
+        _check_preset(url, model_name, config)
+    model = load_released(SiT(config), state)
+    return model.eval(), digest, None
+
+
+def _check_preset(url: str, name: str, config: SiTConfig) -> None:
+    preset = sit_config(name)
+    for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+        want, got = getattr(preset, field), getattr(config, field)
+        if want != got:
+            raise CheckpointError(f"{url}: --model {name} has {field} {want}, the checkpoint {got}")
+
+
+def vae_downsampling(vae) -> int:
+    """Pixels per latent side of a diffusers AutoencoderKL (8 for the SD VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_fits_vae(model: SiT, vae, image_size: int | None, url: str, vae_name: str) -> int:
+    """The image size to sample at; `CheckpointError` when the model does not fit the VAE."""
+    c = model.config
+    factor = vae_downsampling(vae)
+    if c.in_channels != vae.config.latent_channels:
+        raise CheckpointError(
+            f"{url}: the model has {c.in_channels} latent channels, the VAE {vae_name} {vae.config.latent_channels}"
+        )
+    if image_size is None:
+        return c.input_size * factor
+    if image_size % factor or image_size // factor != c.input_size:
+        raise CheckpointError(
+            f"{url}: the model's latent side is {c.input_size} ({c.input_size * factor} px with the VAE "
+            f"{vae_name}, x{factor}), but --image-size is {image_size}"
+        )
+    return image_size

@@ -1,0 +1,76 @@
+"""Pictures of samples: VAE decoding to uint8, a viewable stand-in for latents, labelled grids.
+
+`decode_to_uint8` is the one place latents become image bytes; the bulk sampler, `sit sample
+--grid` and the trainer's preview grids all go through it, so their pixels agree. The rounding is
+the ADM/released sample.py one: ``clamp((x + 1) * 127.5 + 0.5, 0, 255)`` truncated to uint8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+Tensor = torch.Tensor
+
+LABEL_WIDTH = 80  # pixels left of each row for its label
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3) with the ADM rounding."""
+    x = (images.float() + 1) * 127.5 + 0.5
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_to_uint8(vae, latents_scaled: Tensor, scaling_factor: float) -> np.ndarray:
+    """Decode scaled latents (N, C, h, w) with ``vae`` -> uint8 images (N, H, W, 3).
+
+    The latents are divided by the scaling factor first (the model works in scaled units) and
+    cast to the VAE's dtype; decoding runs without gradients.
+    """
+    dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        images = vae.decode((latents_scaled / scaling_factor).to(device=device, dtype=dtype)).sample
+    return to_uint8(images)
+
+
+def latent_picture(latents: Tensor) -> np.ndarray:
+    """A viewable picture of latents when no VAE is at hand: (N, C, H, W) -> uint8 (N, H, W, 3).
+
+    The first 3 channels (the only one, repeated, if C == 1) are each mapped to [0, 255] by their
+    own min and max over the whole batch, so pictures of one batch are comparable.
+    """
+    x = latents.detach().float().cpu()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    lo = x.amin(dim=(0, 2, 3), keepdim=True)
+    hi = x.amax(dim=(0, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: np.ndarray, nrow: int, row_labels: list[str] | None = None) -> Image.Image:
+    """Tile uint8 images (N, H, W, 3) into rows of ``nrow`` images, one label per row.
+
+    With ``row_labels`` a white margin on the left of each row holds its label (PIL's default
+    font); the number of labels must equal the number of rows.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    n, h, w, _ = images.shape
+    rows = -(-n // nrow)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    margin = LABEL_WIDTH if row_labels is not None else 0
+    grid = Image.new("RGB", (margin + nrow * w, rows * h), "white")
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid.paste(Image.fromarray(images[i]), (margin + c * w, r * h))
+    if row_labels is not None:
+        draw = ImageDraw.Draw(grid)
+        font = ImageFont.load_default()
+        for r, label in enumerate(row_labels):
+            draw.text((4, r * h + max(h // 2 - 6, 0)), label, fill="black", font=font)
+    return grid
