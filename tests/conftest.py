@@ -4,7 +4,8 @@
 * s3_endpoint / s3_bucket: a real S3 API - moto's server in its own process on 127.0.0.1,
   started once per test session; s3fs finds it through AWS_ENDPOINT_URL.
 * ray_address: one local Ray cluster per test session (2 CPUs, a small object store); the
-  test process is connected to it and subprocesses join it with `--address`.
+  test process is connected to it and subprocesses join it with `--address`; its workers see
+  the moto server's endpoint and credentials.
 * tiny_vae_dir: a tiny randomly initialised `diffusers.AutoencoderKL` with the SD VAE's
   structure (downsampling by 8, 4 latent channels), saved with `save_pretrained`.
 
@@ -60,8 +61,12 @@ def s3_bucket(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> str:
-    """The GCS address of the session's local Ray cluster (this process is its driver)."""
+def ray_address(s3_endpoint) -> str:
+    """The GCS address of the session's local Ray cluster (this process is its driver).
+
+    Started after the moto server, so that its workers inherit the S3 endpoint and the dummy
+    credentials, as a real cluster's workers have their own (the jobs never ship secrets).
+    """
     import ray
 
     ray.init(

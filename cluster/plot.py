@@ -1,0 +1,75 @@
+"""A dependency-free line plot (PIL only) for the demo's loss curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (shorter at the start)."""
+    csum = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def line_plot(
+    x: np.ndarray,
+    series: dict[str, np.ndarray],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    marks: dict[str, float] | None = None,
+    size: tuple[int, int] = (720, 420),
+) -> Path:
+    """Draw ``series`` (name -> y values over ``x``) with axes, ticks, a legend and vertical ``marks``."""
+    colors = [(120, 160, 220), (20, 60, 160), (200, 60, 40), (40, 140, 60)]
+    font = ImageFont.load_default()
+    width, height = size
+    left, right, top, bottom = 70, 20, 36, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    x = np.asarray(x, dtype=np.float64)
+    ys = np.concatenate([np.asarray(v, dtype=np.float64) for v in series.values()])
+    ys = ys[np.isfinite(ys)]
+    x0, x1 = float(x.min()), float(max(x.max(), x.min() + 1))
+    y0, y1 = float(ys.min()), float(ys.max())
+    pad = 0.05 * (y1 - y0 or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(xv: float, yv: float) -> tuple[float, float]:
+        return (
+            left + (xv - x0) / (x1 - x0) * (width - left - right),
+            height - bottom - (yv - y0) / (y1 - y0) * (height - top - bottom),
+        )
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for frac in np.linspace(0, 1, 5):
+        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
+        tx, _ = px(xv, y0)
+        _, ty = px(x0, yv)
+        draw.line([tx, height - bottom, tx, height - bottom + 4], fill="black")
+        draw.text((tx - 12, height - bottom + 6), f"{xv:.0f}", fill="black", font=font)
+        draw.line([left - 4, ty, left, ty], fill="black")
+        draw.text((6, ty - 6), f"{yv:.3g}", fill="black", font=font)
+    for name, at in (marks or {}).items():
+        mx, _ = px(at, y0)
+        draw.line([mx, top, mx, height - bottom], fill=(150, 150, 150), width=1)
+        draw.text((mx + 3, top + 3), name, fill=(90, 90, 90), font=font)
+    for i, (name, values) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        points = [px(a, b) for a, b in zip(x, values, strict=True) if np.isfinite(b)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2 if i else 1)
+        lx, ly = width - right - 200, top + 12 + 14 * i
+        draw.line([lx, ly, lx + 16, ly], fill=color, width=2)
+        draw.text((lx + 22, ly - 6), name, fill=color, font=font)
+    draw.text((left, 10), title, fill="black", font=font)
+    draw.text(((width - len(xlabel) * 6) / 2, height - 18), xlabel, fill="black", font=font)
+    draw.text((6, top - 18), ylabel, fill="black", font=font)
+    image.save(path)
+    return Path(path)

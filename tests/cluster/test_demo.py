@@ -1,0 +1,52 @@
+"""`sit demo --quick` end to end (images -> VAE -> Ray encode -> train, SIGTERM, resume -> Ray
+sample -> report), then a second run into the same folder, which must reuse every step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from cluster.cli import main
+from cluster.demo import GRID_COLUMNS, SIZES
+from cluster.demo_data import BROKEN_FILES, CLASSES
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_reruns(tmp_path, ray_address, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--address", ray_address]) == 0
+    first = capsys.readouterr().out
+
+    report = out / "report"
+    assert sorted(p.name for p in report.iterdir()) == ["grid.png", "loss.png", "summary.json", "summary.md"]
+    s = json.loads((report / "summary.json").read_text())
+    size = SIZES["quick"]
+    good = size.per_class * len(CLASSES)
+    assert s["images"]["good"] == good and s["images"]["broken"] == len(BROKEN_FILES)
+    assert s["encode"]["encoded"] == good and s["encode"]["rejected"] == len(BROKEN_FILES)  # counts reconcile
+    assert sum(s["encode"]["rejects"].values()) == len(BROKEN_FILES)
+    assert (
+        0 < s["train"]["interrupted_at"] < size.train_steps and s["train"]["resumed_at"] == s["train"]["interrupted_at"]
+    )
+    assert "sending SIGTERM" in first and f"resumed at step {s['train']['resumed_at']}" in first
+    fd = s["latent_frechet_distance"]
+    assert all(math.isfinite(v) and v > 0 for v in fd.values())
+    assert s["fd_ratio_trained_over_untrained"] == pytest.approx(fd["trained"] / fd["untrained"])
+    assert "rejected" in (report / "summary.md").read_text()
+
+    grid = Image.open(report / "grid.png")
+    tile = 32 * 2  # 32-px samples, drawn at twice their size
+    assert grid.height >= len(CLASSES) * tile and grid.width >= GRID_COLUMNS * tile
+    assert Image.open(report / "loss.png").size[0] > 0
+
+    assert main(["demo", "--quick", "--out", str(out), "--address", ray_address]) == 0
+    second = capsys.readouterr().out
+    for step in ("1/5 images: reusing", "2/5 vae: reusing", "4/5 train: reusing"):
+        assert step in second
+    shards = s["encode"]["shards"]
+    assert f"{shards} shards ({shards} from an earlier run)" in second  # nothing encoded twice
+    assert second.count("(0 reused)") == 0 and "reused)" in second  # sample chunks kept
+    assert json.loads((report / "summary.json").read_text())["latent_frechet_distance"] == pytest.approx(fd)
