@@ -63,14 +63,17 @@ def image_grid(images: np.ndarray, nrow: int, row_labels: list[str] | None = Non
     rows = -(-n // nrow)
     if row_labels is not None and len(row_labels) != rows:
         raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
-    margin = LABEL_WIDTH if row_labels is not None else 0
+    font = ImageFont.load_default()
+    margin = 0
+    if row_labels is not None:  # at least LABEL_WIDTH, wider for long labels
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        margin = max(LABEL_WIDTH, *(int(measure.textlength(label, font=font)) + 12 for label in row_labels))
     grid = Image.new("RGB", (margin + nrow * w, rows * h), "white")
     for i in range(n):
         r, c = divmod(i, nrow)
         grid.paste(Image.fromarray(images[i]), (margin + c * w, r * h))
     if row_labels is not None:
         draw = ImageDraw.Draw(grid)
-        font = ImageFont.load_default()
         for r, label in enumerate(row_labels):
             draw.text((4, r * h + max(h // 2 - 6, 0)), label, fill="black", font=font)
     return grid
