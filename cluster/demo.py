@@ -79,6 +79,10 @@ def demo(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    sized = out / "demo-size.json"  # reusing steps is only right for a run of the same size
+    if sized.exists() and json.loads(sized.read_text()) != size.__dict__:
+        raise DemoError(f"{out} holds a demo of another size ({sized.read_text()}); pass --fresh or another --out")
+    sized.write_text(json.dumps(size.__dict__))
     log = Log(out)
     log(f"sit demo into {out} ({'quick' if args.quick else 'full'} size; rerun reuses finished steps)")
     timings: dict[str, float] = {}
@@ -139,11 +143,12 @@ def chunk_latents(root: str) -> tuple[np.ndarray, np.ndarray]:
 def run_trainer(args: list[str], log, interrupt_at: int | None, metrics: Path) -> int:
     """`python -m trainer.train ARGS`; with ``interrupt_at``, SIGTERM once the log reaches that step."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = metrics.stat().st_size if metrics.exists() else 0  # only this run's lines count
     proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *args], env=env)
     try:
         while proc.poll() is None:
-            if interrupt_at is not None and last_step(metrics) >= interrupt_at:
-                log(f"  sending SIGTERM at step {last_step(metrics)} (as a preempted cloud job would get)")
+            if interrupt_at is not None and last_step(metrics, start) >= interrupt_at:
+                log(f"  sending SIGTERM at step {last_step(metrics, start)} (as a preempted cloud job would get)")
                 proc.send_signal(signal.SIGTERM)
                 interrupt_at = None
             time.sleep(0.05)
@@ -153,9 +158,12 @@ def run_trainer(args: list[str], log, interrupt_at: int | None, metrics: Path) -
     return proc.returncode
 
 
-def last_step(metrics: Path) -> int:
-    """The step of the last complete line of the trainer's metrics.jsonl (it may be mid-write)."""
+def last_step(metrics: Path, start: int = 0) -> int:
+    """The step of the last complete line of the trainer's metrics.jsonl written after byte
+    ``start`` (the file may be mid-write)."""
     if not metrics.exists():
         return 0
-    complete = metrics.read_text().rpartition("\n")[0]
+    with open(metrics, "rb") as f:
+        f.seek(start)
+        complete = f.read().decode().rpartition("\n")[0]
     return json.loads(complete.rpartition("\n")[2])["step"] if complete else 0

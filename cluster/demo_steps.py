@@ -251,6 +251,15 @@ def write_report(
     return report
 
 
+def _stopped(train: dict) -> str:
+    if train["interrupted_at"] is None:
+        return "reused the run finished by an earlier `sit demo` into this folder"
+    return (
+        f"stopped by SIGTERM at step {train['interrupted_at']} (checkpoint written, exit 75), "
+        f"resumed at step {train['resumed_at']}"
+    )
+
+
 def _markdown(s: dict) -> str:
     t = s["seconds"]
     return f"""# sit demo
@@ -262,8 +271,7 @@ Ran on {s["machine"]} in {sum(t.values()):.0f} s ({", ".join(f"{k} {v:.0f} s" fo
 2. **vae**: a small AutoencoderKL fitted to them (stands in for the SD VAE, which is not downloadable here).
 3. **encode** (Ray job): {s["encode"]["encoded"]} encoded + {s["encode"]["rejected"]} rejected
    ({s["encode"]["rejects"]}) in {s["encode"]["shards"]} shards at `{s["encode"]["url"]}`.
-4. **train**: stopped by SIGTERM at step {s["train"]["interrupted_at"]} (checkpoint written, exit 75), resumed
-   at step {s["train"]["resumed_at"]}; loss {s["train"]["first_loss"]:.3f} (first {s["train"]["loss_window"]} steps)
+4. **train**: {_stopped(s["train"])}; loss {s["train"]["first_loss"]:.3f} (first {s["train"]["loss_window"]} steps)
    -> {s["train"]["last_loss"]:.3f} (last {s["train"]["loss_window"]}); EMA export
    `{s["train"]["export"]}`.
 5. **sample** (Ray job): latent Fréchet distance to the data {s["latent_frechet_distance"]["untrained"]:.2f}

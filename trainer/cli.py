@@ -16,7 +16,7 @@ Checkpoints go to checkpoint.url (default <run-dir>/checkpoints; any fsspec URL 
 s3://bucket/run) and a restart resumes from the newest complete one. SIGTERM or SIGUSR1 finish
 the current step, write a checkpoint and exit with code 75: a launcher restarts on 75 and stops
 on 0. Outputs in --run-dir: config.json, metrics.jsonl, tensorboard/, samples/*.png and, at the
-end, ema.safetensors (the consolidated EMA, loadable by `sit sample`).
+end, ema.safetensors (the consolidated EMA, loadable by `sit sample`; export_url puts it on object storage).
 """
 
 
@@ -92,6 +92,7 @@ def train(args: argparse.Namespace) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions `sit train` reports as one line (exit 1) instead of a traceback."""
     from latents.format import DatasetError
+    from latents.storage import StorageError
     from pipeline.vae import VaeNotFoundError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
@@ -99,6 +100,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from trainer.train import DatasetMismatchError, NonFiniteLossError
 
     return (
+        StorageError,
+        FileNotFoundError,
+        PermissionError,
         ConfigError,
         DatasetMismatchError,
         NonFiniteLossError,

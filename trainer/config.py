@@ -155,7 +155,8 @@ class TrainConfig:
     total_steps: int = 400_000  # optimizer steps to train (SiT's ablation length; the headline XL/2 ran 7M)
     seed: int = 0  # model initialisation and the time/noise/label-dropout generators derive from it
     max_nonfinite: int = 10  # stop after this many consecutive steps with a non-finite loss
-    export: bool = True  # write the consolidated EMA to <run_dir>/ema.safetensors at the end
+    export: bool = True  # write the consolidated EMA (weights + model config) at the end
+    export_url: str = ""  # where the export goes (any fsspec URL); "" = <run_dir>/ema.safetensors
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)

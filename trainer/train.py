@@ -350,7 +350,7 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
                     break
             export = None
             if exit_code == 0 and c.export:
-                export = str(run_dir / "ema.safetensors")
+                export = c.export_url or str(run_dir / "ema.safetensors")
                 export_ema(trainer, export)
         finally:
             if bar is not None:

@@ -64,13 +64,22 @@ trap on_signal TERM USR1
 
 failures=0
 while :; do
+  if [ "$preempted" = 1 ]; then # asked to stop between two starts: nothing is running
+    exit "$EXIT_PREEMPTED"
+  fi
   "${command[@]}" &
   agent=$!
   # `wait` returns early when a trapped signal arrives: wait again until torchrun has exited.
+  # While stopping, repeat the signal: ranks still in the rendezvous when it first came did not
+  # exist yet (the trainer treats a repeated request as one).
   while :; do
     wait "$agent"
     code=$?
     kill -0 "$agent" 2>/dev/null || break
+    if [ "$preempted" = 1 ]; then
+      pkill -USR1 -P "$agent" 2>/dev/null || true
+      sleep 1
+    fi
   done
   agent=""
   if [ "$preempted" = 1 ]; then
@@ -87,4 +96,7 @@ while :; do
   fi
   echo "launch.sh: torchrun exited $code; restarting ($failures/${MAX_FAILURES:-10}) - the trainer resumes from its last checkpoint" >&2
   sleep "${RESTART_DELAY:-5}"
+  if [ "$preempted" = 1 ]; then
+    exit "$EXIT_PREEMPTED"
+  fi
 done

@@ -50,3 +50,8 @@ def test_quick_demo_runs_end_to_end_and_reruns(tmp_path, ray_address, capsys):
     assert f"{shards} shards ({shards} from an earlier run)" in second  # nothing encoded twice
     assert second.count("(0 reused)") == 0 and "reused)" in second  # sample chunks kept
     assert json.loads((report / "summary.json").read_text())["latent_frechet_distance"] == pytest.approx(fd)
+
+    # a demo of another size into the same folder is refused (its steps cannot be reused), one line
+    assert main(["demo", "--quick", "--steps", "7", "--out", str(out), "--address", ray_address]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another size" in err and "--fresh" in err

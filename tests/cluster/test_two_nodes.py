@@ -122,3 +122,38 @@ def test_two_nodes_survive_losing_one(tmp_path):
     assert resumed, "the restarted run must resume from a checkpoint"
     assert int(resumed[-1]["from"].rstrip("/").split("-")[-1]) >= killed_after
     assert any((tmp_path / run / "ema.safetensors").exists() for run in ("run0", "run1"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_75(tmp_path):
+    """As Kubernetes stops a pod: SIGTERM to launch.sh only; the rank writes a checkpoint and
+    launch.sh exits 75 (resuming from it is tested in tests/trainer/test_resume.py)."""
+    data = write_toy_dataset(str(tmp_path / "data"), n=64)
+    ckpt, log = tmp_path / "ckpt", tmp_path / "node.log"
+    env = dict(
+        os.environ,
+        NNODES="1",
+        NPROC_PER_NODE="1",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+        PYTHON=sys.executable,
+        PYTHONPATH=str(ROOT),
+    )
+    args = ["--preset", "tiny-cpu", "--data", data, "--run-dir", str(tmp_path / "run"), "--steps", "100000"]
+    for kv in (f"checkpoint.url={ckpt}", "checkpoint.every=100000", "log.tensorboard=false", "log.progress=false"):
+        args += ["--set", kv]
+    with open(log, "ab") as out:
+        node = subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training has started
+            assert time.time() < deadline and node.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(120) == 75, log.read_text()[-3000:]
+    finally:
+        if node.poll() is None:
+            kill_node(node)
+    steps = complete_steps(ckpt)
+    assert len(steps) == 1 and 0 < steps[0] < 100000  # the checkpoint the stop wrote, nothing else
+    assert "exiting 75 to be requeued" in log.read_text()
