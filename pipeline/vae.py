@@ -43,7 +43,12 @@ def load_vae(name_or_path: str, dtype: torch.dtype | None = None, device: str | 
             name_or_path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
         )
     except (OSError, ValueError) as err:
-        where = "the directory" if local else "the local Hugging Face cache"
+        if local:
+            where = "the directory"
+        elif name_or_path.startswith(("/", ".", "~")):
+            where = "that path (no such directory)"
+        else:
+            where = "the local Hugging Face cache"
         raise VaeNotFoundError(
             f"VAE {name_or_path!r}: no weights in {where} ({type(err).__name__}). Nothing is downloaded at run "
             f"time: pass --vae a directory saved with AutoencoderKL.save_pretrained (e.g. after "
