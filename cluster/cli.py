@@ -48,6 +48,7 @@ USER_ERRORS = (
     ("sampling.fid", "StatisticsError"),
     ("sampling.image_sources", "ImageSourceError"),
     ("cluster.demo", "DemoError"),
+    ("latents.artifacts", "ArtifactError"),
 )
 
 

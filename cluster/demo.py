@@ -31,8 +31,10 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where used: `sit --help` imports this module
+    import numpy as np
 
 
 class DemoError(RuntimeError):
@@ -71,7 +73,9 @@ class Log:
 
 def demo(args: argparse.Namespace) -> int:
     from cluster import demo_steps as steps
+    from latents.artifacts import DEMO_SIZE_FILE, Kind, require_output
 
+    require_output(args.out, Kind.DEMO, "--out")  # before --fresh deletes anything
     size = SIZES["quick" if args.quick else "full"]
     if args.steps:
         size = DemoSize(**{**size.__dict__, "train_steps": args.steps})
@@ -79,7 +83,7 @@ def demo(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    sized = out / "demo-size.json"  # reusing steps is only right for a run of the same size
+    sized = out / DEMO_SIZE_FILE  # reusing steps is only right for a run of the same size
     if sized.exists() and json.loads(sized.read_text()) != size.__dict__:
         raise DemoError(f"{out} holds a demo of another size ({sized.read_text()}); pass --fresh or another --out")
     sized.write_text(json.dumps(size.__dict__))
@@ -124,6 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def chunk_latents(root: str) -> tuple[np.ndarray, np.ndarray]:
     """(latents (N, C, h, w) float32, labels (N,)) of a `sit sample --save-latents` output, in sample order."""
     import fsspec
+    import numpy as np
 
     fs, path = fsspec.core.url_to_fs(root)
     latents, labels = {}, {}

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from latents.artifacts import Kind, describe
 from latents.format import (
     CARD_NAME,
     MANIFEST_NAME,
@@ -44,7 +45,9 @@ class LatentIndex:
                     f"{root.url}: dataset is incomplete: {CARD_NAME} is missing but {present[0]} exists "
                     "(still being written, or the writer stopped before finishing)"
                 )
-            raise DatasetError(f"{root.url}: no latent dataset here ({CARD_NAME} not found)")
+            found = describe(root.url)
+            there = "" if found in (Kind.NOTHING.value, Kind.EMPTY.value, Kind.FOLDER.value) else f"; it is {found}"
+            raise DatasetError(f"{root.url}: no latent dataset here ({CARD_NAME} not found{there})")
         card = DatasetCard.from_json(root.read_bytes(CARD_NAME), root.url_of(CARD_NAME))
         shards = _read_table(root, MANIFEST_NAME, SHARD_SCHEMA)
         samples = _read_table(root, SAMPLES_NAME, SAMPLE_SCHEMA)

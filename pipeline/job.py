@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from latents.artifacts import ENCODE_RUN_FILE, Kind, require_not_artifact, require_output
 from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, DatasetCard
 from latents.storage import Root
 from latents.writer import ShardInfo, finalize, read_shard_info, shard_committed, write_shard
@@ -42,7 +43,7 @@ from pipeline.ray_jobs import connect, worker_env
 from pipeline.sources import UNKNOWN_LABEL, ImageReader, Source, SourceFormat, SourceItem, list_source, select
 from pipeline.vae import DEFAULT_VAE, load_vae, scaling_factor, vae_dtype
 
-RUN_NAME = "encode-run.json"
+RUN_NAME = ENCODE_RUN_FILE  # named in latents.artifacts, which tells the kinds of output apart
 
 
 class EncodeError(Exception):
@@ -240,6 +241,8 @@ def check_destination(root: Root, run: dict) -> bool:
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     """Run the whole job; returns its summary. Raises EncodeError (or subclasses) when it cannot finish."""
     start = time.time()
+    require_output(cfg.dest, Kind.LATENT_DATASET, "DST")  # before any work or write
+    require_not_artifact(cfg.source, "SRC", "images")
     source = list_source(
         cfg.source, cfg.source_format, class_list=cfg.class_list, labels=cfg.labels, num_classes=cfg.num_classes
     )

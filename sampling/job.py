@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from latents.artifacts import Kind, require_output
 from latents.storage import Root
 from pipeline.ray_jobs import connect, worker_env
 from sampling.generate import Generator, ModelSource, NonFiniteSamplesError
@@ -134,6 +135,7 @@ def run_sample_job(job: SampleJob) -> SampleSummary:
     from tqdm import tqdm
 
     start = time.perf_counter()
+    require_output(job.out, Kind.SAMPLES, "OUT")  # before loading anything: a dataset or a run is never written into
     driver = Generator(job.source, "cpu")  # checks the checkpoint, the VAE and their fit before any work
     job = replace(job, options=driver.resolve(job.options))  # the run description holds the transport used
     num_classes = driver.model.config.num_classes

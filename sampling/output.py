@@ -31,12 +31,13 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from latents.artifacts import SAMPLES_CHUNK_DIR, SAMPLES_FORMAT, SAMPLES_RUN_FILE
 from latents.storage import TEMP_MARK, Root
 
-FORMAT = "sit-samples"
+FORMAT = SAMPLES_FORMAT  # these three are named in latents.artifacts, which tells the kinds of output apart
 FORMAT_VERSION = 1
-RUN_FILE = "run.json"
-CHUNK_DIR = "chunks"
+RUN_FILE = SAMPLES_RUN_FILE
+CHUNK_DIR = SAMPLES_CHUNK_DIR
 NPZ_FILE = "samples.npz"
 LABELS_FILE = "labels.npy"
 PNG_COMPRESS_LEVEL = 6  # fixed: PNG bytes must not depend on library defaults

@@ -68,7 +68,10 @@ def resolve_args(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> int:
+    from latents.artifacts import Kind, require_output
+
     config = resolve_args(args)
+    require_output(config.run_dir, Kind.TRAIN_RUN, "--run-dir")  # before any process group or file
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=1))
         return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from latents.artifacts import TRAIN_METRICS_FILE
 from trainer.model import TIME_FREQUENCIES, SiTConfig
 
 TRAIN_FLOPS_PER_MAC = 6  # 2 FLOPs per MAC, times 3 for forward + backward
@@ -68,7 +69,7 @@ class MetricsLog:
     """Rank 0's metrics: one JSON object per line in ``metrics.jsonl``, and TensorBoard scalars."""
 
     def __init__(self, run_dir: str, tensorboard: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / TRAIN_METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self.path.open("a")
         self.writer = None
