@@ -74,8 +74,10 @@ class Log:
 def demo(args: argparse.Namespace) -> int:
     from cluster import demo_steps as steps
     from latents.artifacts import DEMO_SIZE_FILE, Kind, require_output
+    from latents.threads import set_torch_threads
 
     require_output(args.out, Kind.DEMO, "--out")  # before --fresh deletes anything
+    set_torch_threads()  # the VAE fit runs here: a loaded machine must not make it spin (latents.threads)
     size = SIZES["quick" if args.quick else "full"]
     if args.steps:
         size = DemoSize(**{**size.__dict__, "train_steps": args.steps})

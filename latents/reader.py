@@ -54,6 +54,7 @@ from latents.plan import (
     worker_streams,
 )
 from latents.storage import StorageError
+from latents.threads import one_thread
 
 BAD_SHARD_POLICIES = ("fail", "skip")
 DEFAULT_WINDOW_BYTES = 64 << 20  # shuffle window per stream (compressed bytes); a worker holds two
@@ -371,9 +372,8 @@ class LatentLoader:
             self.epoch, self.batch = self.epoch + 1, 0
         ds = self.dataset
         ds.epoch, ds.start_batch = self.epoch, self.batch
-        loader = DataLoader(
-            ds, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers, **self.dataloader_kwargs
-        )
+        kwargs = {"worker_init_fn": one_thread, **self.dataloader_kwargs}  # latents.threads: one thread a worker
+        loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers, **kwargs)
         pieces = []
         for piece in loader:
             pieces.append(piece)

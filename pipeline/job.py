@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,10 +37,11 @@ import pyarrow.parquet as pq
 from latents.artifacts import ENCODE_RUN_FILE, Kind, require_not_artifact, require_output
 from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, DatasetCard
 from latents.storage import Root
+from latents.threads import set_torch_threads
 from latents.writer import ShardInfo, finalize, read_shard_info, shard_committed, write_shard
 from pipeline.encode import latent_spec
 from pipeline.preprocess import ImageRejected, preprocess
-from pipeline.ray_jobs import connect, worker_env
+from pipeline.ray_jobs import NO_RESTARTS, connect, ray_log_file, worker_env
 from pipeline.sources import UNKNOWN_LABEL, ImageReader, Source, SourceFormat, SourceItem, list_source, select
 from pipeline.vae import DEFAULT_VAE, load_vae, scaling_factor, vae_dtype
 
@@ -150,6 +152,7 @@ class ReadStage:
     """Ray actor: reads, decodes and crops micro-batches (keeps parquet row groups between them)."""
 
     def __init__(self, resolution: int, draft: bool):
+        set_torch_threads(1)  # it decodes images; torch (imported with this module) must not spin on every core
         self.resolution, self.draft, self.reader = resolution, draft, ImageReader()
 
     def __call__(self, row: dict) -> dict:
@@ -163,12 +166,11 @@ class EncodeStage:
     """Ray actor: holds the VAE; turns a decoded micro-batch into latent bytes."""
 
     def __init__(self, vae: str, dtype: str, spec_json: str, resolution: int, seed: int, threads: int, gpu: bool):
-        import torch
 
         from latents.format import LatentSpec
         from pipeline.encode import VaeEncoder
 
-        torch.set_num_threads(max(1, threads))
+        set_torch_threads(max(1, threads))
         spec = LatentSpec(**json.loads(spec_json))
         self.encoder = VaeEncoder(vae, vae_dtype(dtype), "cuda" if gpu else "cpu", spec, seed)
         self.resolution = resolution
@@ -381,29 +383,33 @@ def _encode_pending(
     spec_json = json.dumps({"latent_shape": list(spec.latent_shape), "stored": spec.stored, "flips": spec.flips})
     env = {"env_vars": worker_env()}  # endpoints and regions, never secrets
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(  # an actor pool, never fused with the encoders: decoding runs beside them
-        ReadStage,
-        fn_constructor_kwargs={"resolution": cfg.resolution, "draft": cfg.draft},
-        num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=readers),
-        runtime_env=env,
-    )
-    ds = ds.map(
-        EncodeStage,
-        fn_constructor_kwargs={
-            "vae": cfg.vae,
-            "dtype": cfg.dtype,
-            "spec_json": spec_json,
-            "resolution": cfg.resolution,
-            "seed": cfg.seed,
-            "threads": int(cfg.cpus_per_worker),
-            "gpu": gpus > 0,
-        },
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        runtime_env=env,
-    )
+    with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only through its deprecated **ray_remote_args
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map(  # an actor pool, never fused with the encoders: decoding runs beside them
+            ReadStage,
+            fn_constructor_kwargs={"resolution": cfg.resolution, "draft": cfg.draft},
+            num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=readers),
+            runtime_env=env,
+            **NO_RESTARTS,
+        )
+        ds = ds.map(
+            EncodeStage,
+            fn_constructor_kwargs={
+                "vae": cfg.vae,
+                "dtype": cfg.dtype,
+                "spec_json": spec_json,
+                "resolution": cfg.resolution,
+                "seed": cfg.seed,
+                "threads": int(cfg.cpus_per_worker),
+                "gpu": gpus > 0,
+            },
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            runtime_env=env,
+            **NO_RESTARTS,
+        )
 
     total_images = sum(len(plan[i]) for i in pending)
     bar = tqdm(total=total_images, unit="img", desc="encode", disable=not cfg.progress, dynamic_ncols=True)
@@ -462,7 +468,7 @@ def _rows(ds):
         # the root cause reaches us only as traceback text, first in the chain: "ValueError: ..."
         lines = [line for line in str(err).splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
         cause = next((line for line in lines if not line.startswith("ray.")), lines[0] if lines else repr(err))
-        raise EncodeError(f"a Ray worker failed: {cause}") from err
+        raise EncodeError(f"a Ray worker failed: {cause} (Ray's log: {ray_log_file()})") from err
 
 
 def _shard_samples(chunks: dict[int, dict], spec):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from latents.threads import set_torch_threads
+
 SAMPLE_DOC = """\
 Generate images from a SiT checkpoint in bulk on Ray workers, FID-ready.
 
@@ -50,6 +52,7 @@ def sample_command(args: argparse.Namespace) -> int:
     from sampling.options import SamplingUsageError, sampler_options
     from sampling.plan import parse_classes, parse_policy
 
+    set_torch_threads()  # latents.threads: the driver (and --grid) computes here
     options = sampler_options(args)
     source = ModelSource(
         checkpoint=args.checkpoint,
@@ -110,6 +113,7 @@ def _grid(args: argparse.Namespace, source, options) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     from sampling.evaluate import evaluate
 
+    set_torch_threads()
     r = evaluate(
         args.samples,
         args.ref,

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from latents.artifacts import Kind, require_output
 from latents.storage import Root
-from pipeline.ray_jobs import connect, worker_env
+from latents.threads import set_torch_threads
+from pipeline.ray_jobs import NO_RESTARTS, connect, worker_env
 from sampling.generate import Generator, ModelSource, NonFiniteSamplesError
 from sampling.options import SamplerOptions, SamplingUsageError
 from sampling.output import (
@@ -110,9 +111,7 @@ class _Worker:
     """Ray actor body: one model and VAE, many chunks."""
 
     def __init__(self, job: SampleJob, plan: SamplePlan, device: str, threads: int):
-        import torch
-
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
         self.job, self.plan = job, plan
         self.generator = Generator(job.source, device)
         self.root = Root(job.out)
@@ -198,7 +197,7 @@ def _sample_chunks(
     workers = min(workers, len(pending))
     env = worker_env()  # endpoints and regions, never secrets
     actor_cls = ray.remote(_Worker).options(
-        num_cpus=job.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": env} if env else None
+        num_cpus=job.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": env} if env else None, **NO_RESTARTS
     )
     device = "cuda" if gpus > 0 else "cpu"
     threads = max(1, int(job.cpus_per_worker))

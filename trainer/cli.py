@@ -69,12 +69,14 @@ def resolve_args(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> int:
     from latents.artifacts import Kind, require_output
+    from latents.threads import set_torch_threads
 
     config = resolve_args(args)
     require_output(config.run_dir, Kind.TRAIN_RUN, "--run-dir")  # before any process group or file
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
+    set_torch_threads()  # latents.threads: explicit, so a loaded machine slows training by its load only
     from trainer.train import train as run
 
     result = run(config)
@@ -92,30 +94,6 @@ def train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions `sit train` reports as one line (exit 1) instead of a traceback."""
-    from latents.format import DatasetError
-    from latents.storage import StorageError
-    from pipeline.vae import VaeNotFoundError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.export import ExportError
-    from trainer.train import DatasetMismatchError, NonFiniteLossError
-
-    return (
-        StorageError,
-        FileNotFoundError,
-        PermissionError,
-        ConfigError,
-        DatasetMismatchError,
-        NonFiniteLossError,
-        CheckpointError,
-        DatasetError,
-        ExportError,
-        VaeNotFoundError,
-    )
-
-
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m trainer.train`: the same flags as `sit train` (for torchrun)."""
     parser = argparse.ArgumentParser(
@@ -127,8 +105,12 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return train(args)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        from cluster.cli import is_user_error  # the one list of user errors (`sit`'s)
+
+        if not is_user_error(err):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
 
 
