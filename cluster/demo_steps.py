@@ -11,6 +11,7 @@ import numpy as np
 
 from cluster.demo import GRID_COLUMNS, IMAGE_SIZE, RESOLUTION, DemoError, DemoSize, chunk_latents, run_trainer
 from cluster.demo_data import class_names
+from latents.words import plural
 
 MAX_REJECT_FRACTION = 0.01  # the demo plants 2 broken files among a few hundred or thousand
 
@@ -171,7 +172,8 @@ def sample(out: Path, size: DemoSize, vae_dir: Path, trained: dict, address: str
             progress=False,
         )
         summary = run_sample_job(job)
-        log(f"    {summary.num_samples} samples in {summary.chunks} chunks ({summary.skipped} reused), {summary.npz}")
+        counts = f"{plural(summary.num_samples, 'sample')} in {plural(summary.chunks, 'chunk')}"
+        log(f"    {counts} ({summary.skipped} reused), {summary.npz}")
         results[name] = str(dest)
     return results
 

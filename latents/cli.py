@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from latents.words import plural
+
 
 def inspect_command(args: argparse.Namespace) -> int:
     from latents.summary import format_summary, summarize
@@ -33,14 +35,15 @@ def verify_command(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.ok:
-        rejected = "" if report.rejected is None else f" ({report.rejected:,} inputs rejected by the encoder)"
-        warned = f", {len(report.warnings)} warnings" if report.warnings else ""
+        rejected = "" if report.rejected is None else f" ({plural(report.rejected, 'input')} rejected by the encoder)"
+        warned = f", {plural(len(report.warnings), 'warning')}" if report.warnings else ""
         print(
-            f"OK: {report.url}: {report.shards_checked} shards, {report.samples_checked:,} samples verified"
+            f"OK: {report.url}: {plural(report.shards_checked, 'shard')}, "
+            f"{plural(report.samples_checked, 'sample')} verified"
             f"{rejected}{warned}"
         )
         return 0
-    print(f"FAILED: {report.url}: {len(report.problems)} problems", file=sys.stderr)
+    print(f"FAILED: {report.url}: {plural(len(report.problems), 'problem')}", file=sys.stderr)
     for problem in report.problems[: args.max_problems]:
         print(f"  - {problem}", file=sys.stderr)
     if len(report.problems) > args.max_problems:

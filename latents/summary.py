@@ -8,6 +8,7 @@ import numpy as np
 
 from latents.dataset import LatentIndex, read_rejects
 from latents.format import CARD_NAME, MANIFEST_NAME, SAMPLES_NAME
+from latents.words import plural
 
 
 def summarize(url: str, storage_options: dict | None = None) -> dict:
@@ -50,7 +51,7 @@ def format_summary(s: dict) -> str:
         f"  latents       {card['stored']} {card['storage_dtype']} {tuple(card['latent_shape'])} "
         f"from {card['resolution']} px images, flips {'stored' if card['flips'] else 'not stored'}",
         f"  vae           {card['vae']} (scaling factor {card['scaling_factor']}, applied by the reader)",
-        f"  samples       {s['samples']:,} in {s['shards']:,} shards "
+        f"  samples       {s['samples']:,} in {plural(s['shards'], 'shard')} "
         f"({s['samples_per_shard']['min']:,}-{s['samples_per_shard']['max']:,} per shard)",
         f"  classes       {s['classes_present']:,} of {card['num_classes']:,} present; per class "
         f"min {s['class_count']['min']:,}, mean {s['class_count']['mean']:,.1f}, max {s['class_count']['max']:,}",

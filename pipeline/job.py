@@ -38,6 +38,7 @@ from latents.artifacts import ENCODE_RUN_FILE, Kind, require_not_artifact, requi
 from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, DatasetCard
 from latents.storage import Root
 from latents.threads import set_torch_threads
+from latents.words import plural, tally
 from latents.writer import ShardInfo, finalize, read_shard_info, shard_committed, write_shard
 from pipeline.encode import latent_spec
 from pipeline.preprocess import ImageRejected, preprocess
@@ -100,11 +101,10 @@ class EncodeSummary:
     stage_seconds: dict = field(default_factory=dict)  # summed over workers: read/decode/crop, vae, write
 
     def format(self) -> str:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejects_by_reason.items())) or "none"
         return (
             f"{self.dest}: {self.encoded:,} encoded + {self.rejected:,} rejected = "
-            f"{self.source_images:,} source images (rejects: {reasons}); "
-            f"{self.shards:,} shards ({self.shards_adopted:,} from an earlier run), "
+            f"{plural(self.source_images, 'source image')} (rejects: {tally(self.rejects_by_reason)}); "
+            f"{plural(self.shards, 'shard')} ({self.shards_adopted:,} from an earlier run), "
             f"{self.bytes / 2**20:,.1f} MiB, {self.seconds:,.1f} s "
             f"({self.encoded_now / max(self.seconds, 1e-9):,.1f} images/s encoded by this run)"
             + (
@@ -288,9 +288,18 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
         rejects.extend(new_rejects)
     rejects.sort()
     root.publish_bytes(REJECTS_NAME, _rejects_parquet(rejects))
+    if rejects and len(rejects) == len(items):
+        by_reason = {}
+        for r in rejects:
+            by_reason[r[2]] = by_reason.get(r[2], 0) + 1
+        raise EncodeError(
+            f"{cfg.source}: all {plural(len(items), 'input')} were rejected ({tally(by_reason)}); nothing was "
+            f"encoded. See {root.url_of(REJECTS_NAME)} for each file and why"
+        )
     if empty:
         raise EncodeError(
-            f"{root.url}: every input of shard(s) {empty} was rejected (see {root.url_of(REJECTS_NAME)}), so the "
+            f"{root.url}: every input of {plural(len(empty), 'shard')} {empty} was rejected "
+            f"(see {root.url_of(REJECTS_NAME)}), so the "
             f"shard plan has a hole; fix or drop those inputs and encode to a new destination"
         )
     encoded = sum(s.num_samples for s in shards.values())
@@ -302,7 +311,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     if len(rejects) > cfg.max_reject_fraction * len(items):
         raise RejectsExceededError(
             f"{len(rejects)} of {len(items)} inputs rejected ({100 * len(rejects) / len(items):.3f}% > "
-            f"--max-reject-fraction {cfg.max_reject_fraction}): {by_reason}; see {root.url_of(REJECTS_NAME)}. "
+            f"--max-reject-fraction {cfg.max_reject_fraction}): {tally(by_reason)}; see {root.url_of(REJECTS_NAME)}. "
             f"Every shard is committed; rerun with a higher --max-reject-fraction to accept them."
         )
     counts = {"source": len(items), "encoded": encoded, "rejected": len(rejects), "rejected_by_reason": by_reason}

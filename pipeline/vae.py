@@ -52,7 +52,7 @@ def load_vae(name_or_path: str, dtype: torch.dtype | None = None, device: str | 
         raise VaeNotFoundError(
             f"VAE {name_or_path!r}: no weights in {where} ({type(err).__name__}). Nothing is downloaded at run "
             f"time: pass --vae a directory saved with AutoencoderKL.save_pretrained (e.g. after "
-            f"`huggingface-cli download {DEFAULT_VAE} --local-dir sd-vae-ft-ema` on a machine with network), "
+            f"`hf download {DEFAULT_VAE} --local-dir sd-vae-ft-ema` on a machine with network), "
             f"or pre-fill the hub cache (HF_HOME)."
         ) from None
     return vae.to(device=device).eval()  # already in ``dtype`` (casting again makes diffusers warn)

@@ -21,8 +21,8 @@ import json
 import fsspec
 import torch
 
-from trainer.checkpoint_import import load_released, read_released_state_dict
-from trainer.export import EXPORT_FORMAT, read_export
+from trainer.checkpoint_import import load_error, load_released, read_released_state_dict
+from trainer.export import EXPORT_FORMAT, looks_like_safetensors, read_export
 from trainer.model import SiT, SiTConfig, sit_config
 
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # the presets' (hidden -> heads)
@@ -88,7 +88,7 @@ def load_checkpoint(
     """
     data = read_bytes(url)
     digest = hashlib.sha256(data).hexdigest()
-    if is_export(data):
+    if looks_like_safetensors(url, data):  # read_export names any damage; never handed to torch.load
         config, state, extra = read_export(url)  # reads the file again: it parses the metadata itself
         if model_name is not None:
             _check_preset(url, model_name, config)
@@ -98,7 +98,7 @@ def load_checkpoint(
     try:
         state = read_released_state_dict(io.BytesIO(data))
     except Exception as err:  # torch.load's errors for a non-checkpoint vary by version
-        raise CheckpointError(f"{url}: neither a SiT export nor a torch checkpoint ({err})") from None
+        raise CheckpointError(f"{url}: neither a SiT export nor a torch checkpoint ({load_error(err)})") from None
     width = state["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state else None
     if model_name is not None:
         heads = sit_config(model_name).num_heads

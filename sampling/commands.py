@@ -7,6 +7,7 @@ import argparse
 import json
 
 from latents.threads import set_torch_threads
+from latents.words import plural
 
 SAMPLE_DOC = """\
 Generate images from a SiT checkpoint in bulk on Ray workers, FID-ready.
@@ -88,7 +89,7 @@ def sample_command(args: argparse.Namespace) -> int:
     )
     s = run_sample_job(job)
     print(
-        f"{s.num_samples:,} samples in {s.out}: {s.chunks} chunks ({s.skipped} already there), "
+        f"{plural(s.num_samples, 'sample')} in {s.out}: {plural(s.chunks, 'chunk')} ({s.skipped} already there), "
         f"{s.sampled:,} generated in {s.seconds:.1f}s ({s.images_per_s:.2f} images/s); npz: {s.npz}"
     )
     return 0
@@ -106,7 +107,8 @@ def _grid(args: argparse.Namespace, source, options) -> int:
     image = sample_grid(source, options, classes, args.per_class, args.seed, args.batch_size, device)
     with fsspec.open(args.out, "wb") as f:
         image.save(f, format="PNG")
-    print(f"grid of {len(classes)} classes x {args.per_class} samples ({image.width}x{image.height}) -> {args.out}")
+    shape = f"{plural(len(classes), 'class', 'classes')} x {plural(args.per_class, 'sample')}"
+    print(f"grid of {shape} ({image.width}x{image.height}) -> {args.out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from latents.artifacts import Kind, require_output
 from latents.storage import Root
 from latents.threads import set_torch_threads
+from latents.words import plural
 from pipeline.ray_jobs import NO_RESTARTS, connect, worker_env
 from sampling.generate import Generator, ModelSource, NonFiniteSamplesError
 from sampling.options import SamplerOptions, SamplingUsageError
@@ -166,7 +167,8 @@ def run_sample_job(job: SampleJob) -> SampleSummary:
     )
     if failed:
         raise SampleJobError(
-            f"{len(failed)} of {total} chunks failed (the others are committed; rerun to retry): " + " | ".join(failed)
+            f"{len(failed)} of {plural(total, 'chunk')} failed (the others are committed; rerun to retry): "
+            + " | ".join(failed)
         )
     if not is_complete(root):
         missing = sorted(set(range(total)) - committed_chunks(root))

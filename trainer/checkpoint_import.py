@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -37,7 +38,8 @@ def read_released_state_dict(
     if isinstance(source, Mapping):
         obj = source
     else:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the error says enough
             obj = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{source}: expected a state dict or a dict of them, got {type(obj).__name__}")
@@ -49,6 +51,20 @@ def read_released_state_dict(
     if bad:
         raise CheckpointMismatchError(f"non-tensor entries in the state dict: {bad[:5]}")
     return state
+
+
+def load_error(err: BaseException) -> str:
+    """What a failed weights-only ``torch.load`` means, in a few words and without torch's advice to
+    load with ``weights_only=False``: this code never unpickles arbitrary objects."""
+    text = " ".join(str(err).split())
+    if isinstance(err, CheckpointMismatchError):
+        return text
+    if "Unsupported global" in text:
+        what = text.split("Unsupported global:", 1)[-1].split(" was not")[0].strip(" .")
+        return f"it holds Python objects other than tensors ({what}), which are never unpickled here"
+    if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
+        return "a truncated or damaged torch zip file"
+    return f"unreadable as a torch checkpoint ({type(err).__name__})"
 
 
 def load_released(model: SiT, source: str | os.PathLike | Mapping[str, object], prefer: str = "ema") -> SiT:

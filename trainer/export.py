@@ -52,15 +52,48 @@ def save_export(url: str, state_dict: dict[str, torch.Tensor], config: SiTConfig
         fs.pipe_file(path, data)
 
 
+def looks_like_safetensors(url: str, data: bytes) -> bool:
+    """Whether ``data`` is meant as safetensors: its name says so, or an 8-byte length then ``{``.
+
+    Torch checkpoints start with ``PK`` (zip) or ``\\x80`` (a legacy pickle) and are never taken
+    for safetensors, so a damaged safetensors file is reported as one, not handed to torch.load.
+    """
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        return False
+    return url.endswith(".safetensors") or data[8:9] == b"{"
+
+
+def safetensors_header(url: str, data: bytes) -> dict:
+    """The JSON header of a safetensors file, checked against the file's length; `ExportError`
+    naming the file and the damage (too short, truncated, a damaged header) otherwise."""
+    if len(data) < 8:
+        raise ExportError(f"{url}: not a safetensors file: {len(data)} bytes, shorter than its 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ExportError(
+            f"{url}: truncated or damaged safetensors file: its header length is {n:,} bytes, "
+            f"the file has {len(data) - 8:,} after it"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{url}: damaged safetensors header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{url}: damaged safetensors header (a JSON {type(header).__name__}, not an object)")
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if ends and max(ends) > len(data) - 8 - n:
+        raise ExportError(
+            f"{url}: truncated safetensors file: its tensors end at byte {max(ends):,} of the data, "
+            f"the file holds {len(data) - 8 - n:,}"
+        )
+    return header
+
+
 def read_export(url: str) -> tuple[SiTConfig, dict[str, torch.Tensor], dict]:
     """(config, state dict, extra) of an export; `ExportError` naming the file if it is not one."""
     with fsspec.open(url, "rb") as f:
         data = f.read()
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ExportError(f"{url}: not a safetensors file ({err})") from None
+    metadata = safetensors_header(url, data).get("__metadata__") or {}
     if metadata.get("format") != EXPORT_FORMAT:
         found = metadata.get("format")
         raise ExportError(f"{url}: not a SiT export (metadata format {found!r}, want {EXPORT_FORMAT!r})")
@@ -72,7 +105,11 @@ def read_export(url: str) -> tuple[SiTConfig, dict[str, torch.Tensor], dict]:
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ExportError(f"{url}: unknown model_config fields {unknown}; valid: {sorted(fields)}")
-    return SiTConfig(**raw), load_safetensors_bytes(data), json.loads(metadata.get("extra", "{}"))
+    try:
+        state = load_safetensors_bytes(data)
+    except Exception as err:  # safetensors' own SafetensorError: a damage the header check did not see
+        raise ExportError(f"{url}: damaged safetensors file ({' '.join(str(err).split())})") from None
+    return SiTConfig(**raw), state, json.loads(metadata.get("extra", "{}"))
 
 
 def load_export(url: str) -> SiT:
