@@ -16,6 +16,7 @@ from importlib import import_module
 
 from cluster import demo
 from latents import cli as latents_cli
+from latents.argtypes import Parser
 from pipeline import cli as pipeline_cli
 from sampling import cli as sampling_cli
 from trainer import cli as trainer_cli
@@ -53,7 +54,7 @@ USER_ERRORS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sit",
         description="SiT at ImageNet scale: encode once, train anywhere, sample in bulk. "
         "Run `sit <command> --help` for a command's options.",

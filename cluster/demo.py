@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latents.argtypes import positive_int
+
 if TYPE_CHECKING:  # numpy is imported where used: `sit --help` imports this module
     import numpy as np
 
@@ -117,9 +119,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="sit-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a tiny run (under a minute of compute) for tests")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny run (under a minute of compute) for tests (default: off)"
+    )
     p.add_argument("--fresh", action="store_true", help="delete the output folder first instead of reusing steps")
-    p.add_argument("--steps", type=int, help="training steps (default: 1200, or 40 with --quick)")
+    p.add_argument("--steps", type=positive_int, help="training steps (default: 1200, or 40 with --quick)")
     p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     p.set_defaults(func=demo)
 

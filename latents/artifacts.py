@@ -145,11 +145,22 @@ def require_input(url: str, kind: Kind, flag: str) -> None:
 ARTIFACTS = (Kind.LATENT_DATASET, Kind.TRAIN_RUN, Kind.SAMPLES, Kind.DEMO, Kind.MODEL)
 
 
-def require_not_artifact(url: str, flag: str, wanted: str) -> None:
-    """Refuse ``url`` as an input that is none of our artifacts (e.g. images) when it holds one."""
+def require_not_artifact(url: str, flag: str, wanted: str, allowed: tuple[Kind, ...] = ()) -> Kind:
+    """Refuse ``url`` as an input (images, samples, ...) when it holds one of our other artifacts."""
     found = detect(url)
-    if found in ARTIFACTS:
+    if found in ARTIFACTS and found not in allowed:
         raise ArtifactError(f"{flag} {url} is {found.value}, not {wanted}")
+    return found
+
+
+def require_file(url: str, flag: str, wanted: str) -> None:
+    """Refuse ``url`` as an input file (a checkpoint, statistics) when it is missing or a folder."""
+    found = detect(url)
+    if found is Kind.NOTHING:
+        raise FileNotFoundError(f"{flag} {url}: not found")
+    if found is not Kind.FILE:
+        hint = f"; its EMA export is {url.rstrip('/')}/ema.safetensors" if found is Kind.TRAIN_RUN else ""
+        raise ArtifactError(f"{flag} {url} is {found.value}, not {wanted}{hint}")
 
 
 def describe(url: str) -> str:

@@ -1,9 +1,4 @@
-"""`sit inspect URL` and `sit verify URL`: look at and check a latent dataset.
-
-URLs are local paths or fsspec URLs (file://, s3://, gs://, memory://). For S3-compatible
-stores set AWS_ENDPOINT_URL and the usual AWS_* credentials; for GCS, the usual Google
-application credentials.
-"""
+"""`sit inspect URL` and `sit verify URL`: look at and check a latent dataset."""
 
 from __future__ import annotations
 
@@ -11,7 +6,25 @@ import argparse
 import json
 import sys
 
+from latents.argtypes import nonnegative_int, positive_int
 from latents.words import plural
+
+STORAGE = """\
+URL is a local path or an fsspec URL (file://, s3://, gs://). For S3-compatible stores set
+AWS_ENDPOINT_URL and the usual AWS_* credentials; for GCS, the usual Google credentials.
+"""
+INSPECT_DESCRIPTION = (
+    "Show a latent dataset's card (resolution, VAE, latent shape, flips), its sample, shard and class "
+    "counts, its size and the encoder's rejects, from the card and manifests alone (no shard is read).\n\n" + STORAGE
+)
+VERIFY_DESCRIPTION = (
+    "Check a latent dataset end to end: every shard's checksum, and every sample's latents decoded "
+    "and checked against the card (shape, dtype, finite values, positive stds), the manifests and "
+    "the counts (source = encoded + rejected).\n\n"
+    + STORAGE
+    + "\nExits 0 if the dataset is intact, 1 listing every problem found. Leftover temporary files of a "
+    "killed writer are warnings (they never carry a final name); --strict fails on them.\n"
+)
 
 
 def inspect_command(args: argparse.Namespace) -> int:
@@ -53,9 +66,12 @@ def verify_command(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "inspect", help="show a latent dataset's card, counts, classes and size", description=__doc__
+        "inspect",
+        help="show a latent dataset's card, counts, classes and size",
+        description=INSPECT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("url", help="dataset root (path, file://, s3://, gs://, memory://)")
+    p.add_argument("url", metavar="URL", help="dataset root (path, file://, s3://, gs://)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--histogram", action="store_true", help="also print the count of every class")
     p.set_defaults(func=inspect_command)
@@ -63,13 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify",
         help="check every shard checksum and every sample of a latent dataset",
-        description=__doc__ + "\nExits 0 if the dataset is intact, 1 listing every problem found. Leftover "
-        "temporary files of a killed writer are warnings (they never carry a final name); --strict fails on them.",
+        description=VERIFY_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("url", help="dataset root (path, file://, s3://, gs://, memory://)")
-    p.add_argument("--workers", type=int, default=4, help="shards checked concurrently (default: %(default)s)")
-    p.add_argument("--max-problems", type=int, default=50, help="problems to list (default: %(default)s)")
+    p.add_argument("url", metavar="URL", help="dataset root (path, file://, s3://, gs://)")
+    p.add_argument("--workers", type=positive_int, default=4, help="shards checked concurrently (default: %(default)s)")
+    p.add_argument("--max-problems", type=nonnegative_int, default=50, help="problems to list (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--strict", action="store_true", help="fail on leftover temporary files too")
     p.set_defaults(func=verify_command)

@@ -17,26 +17,30 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
-from latents.format import STORED_POSTERIOR, STORED_SAMPLE
+from latents.argtypes import Lazy, fraction, nonnegative_float, positive_float, positive_int, resolution
 from pipeline.vae import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
 
 
+def _stored_choices() -> list[str]:
+    from latents.format import STORED_POSTERIOR, STORED_SAMPLE  # numpy and pyarrow: not for `sit --help`
+
+    return [STORED_POSTERIOR, STORED_SAMPLE]
+
+
 def encode_command(args: argparse.Namespace) -> int:
+    from latents.artifacts import Kind, require_not_artifact
     from pipeline.job import EncodeConfig, run_encode
     from pipeline.sources import SourceFormat
 
-    if args.resolution % 8 or args.resolution <= 0:
-        print(f"error: --resolution {args.resolution} must be a positive multiple of 8 (256 or 512)", file=sys.stderr)
-        return 2
+    require_not_artifact(args.vae, "--vae", "a VAE folder", (Kind.MODEL,))
     cfg = EncodeConfig(
         source=args.src,
         dest=args.dst,
         resolution=args.resolution,
         vae=args.vae,
         dtype=args.dtype,
-        stored=args.stored,
+        stored=args.stored or _stored_choices()[0],
         source_format=SourceFormat.parse(args.format),
         class_list=args.class_list,
         labels=args.labels,
@@ -59,13 +63,6 @@ def encode_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "encode",
@@ -76,19 +73,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="image source URL (path, file://, s3://, gs://)")
     p.add_argument("dst", help="latent dataset root URL (path, file://, s3://, gs://)")
     g = p.add_argument_group("what to encode")
-    g.add_argument("--resolution", type=int, default=256, help="image side: 256 or 512 (any multiple of 8 for trials)")
+    g.add_argument(
+        "--resolution",
+        type=resolution,
+        default=256,
+        help="image side: 256 or 512 (any multiple of 8 for trials; default: %(default)s)",
+    )
     g.add_argument(
         "--vae",
         default=DEFAULT_VAE,
         help=f"VAE directory (save_pretrained) or locally cached hub id; {' or '.join(VAE_CHOICES)} "
         "(default: %(default)s). Nothing is downloaded.",
     )
-    g.add_argument("--dtype", choices=list(VAE_DTYPES), default="fp32", help="VAE compute dtype (never fp16)")
+    g.add_argument(
+        "--dtype", choices=list(VAE_DTYPES), default="fp32", help="VAE compute dtype, never fp16 (default: %(default)s)"
+    )
     g.add_argument(
         "--stored",
-        choices=[STORED_POSTERIOR, STORED_SAMPLE],
-        default=STORED_POSTERIOR,
-        help="store the posterior mean+std (default) or one sampled latent",
+        choices=Lazy(_stored_choices),
+        default=None,
+        help="store the posterior mean+std (posterior, the default) or one sampled latent (sample)",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed for --stored sample (default: %(default)s)")
     g.add_argument(
@@ -107,29 +111,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--class-list", help="file of class names (wnids) in label order, one per line")
     g.add_argument("--labels", help="labels file of a validation folder: '<file> <wnid or label>' lines")
-    g.add_argument("--num-classes", type=_positive, help="number of classes (default: from the source, else 1000)")
+    g.add_argument("--num-classes", type=positive_int, help="number of classes (default: from the source, else 1000)")
     g.add_argument("--classes", help="subset for trials: N (labels 0..N-1) or a comma list of wnids / labels")
-    g.add_argument("--limit", type=_positive, help="encode only the first N images (in key order)")
+    g.add_argument("--limit", type=positive_int, help="encode only the first N images (in key order)")
     g.add_argument(
         "--max-reject-fraction",
-        type=float,
+        type=fraction,
         default=0.001,
         help="fail (after finishing) if more than this fraction of inputs is rejected (default: %(default)s)",
     )
     g = p.add_argument_group("sharding and Ray")
-    g.add_argument("--shard-size", type=_positive, help="samples per shard (default: 256 MiB of latents)")
+    g.add_argument("--shard-size", type=positive_int, help="samples per shard (default: 256 MiB of latents)")
     g.add_argument(
         "--micro-batch",
-        type=_positive,
+        type=positive_int,
         default=32,
         help="images per VAE forward (plus their mirrors); part of the shard plan (default: %(default)s)",
     )
     g.add_argument("--address", help="Ray cluster to join (e.g. auto, or host:6379); default: start a local Ray")
-    g.add_argument("--workers", type=_positive, help="encode actors (default: one per GPU, or 1 without GPUs)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per encode actor (default: 1)")
-    g.add_argument("--gpus-per-worker", type=float, help="GPUs per encode actor (default: 1 if the cluster has GPUs)")
+    g.add_argument("--workers", type=positive_int, help="encode actors (default: one per GPU, or 1 without GPUs)")
     g.add_argument(
-        "--readers", type=_positive, help="concurrent read/decode tasks (default: the CPUs the encoders leave)"
+        "--cpus-per-worker",
+        type=positive_float,
+        default=1.0,
+        help="CPUs per encode actor, also its torch threads (default: %(default)s)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--gpus-per-worker", type=nonnegative_float, help="GPUs per encode actor (default: 1 if the cluster has GPUs)"
+    )
+    g.add_argument(
+        "--readers", type=positive_int, help="concurrent read/decode tasks (default: the CPUs the encoders leave)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (Ray's own log lines always go to a log file)")
     p.set_defaults(func=encode_command)

@@ -8,6 +8,7 @@ comes from the VAE's own config (0.18215 for the SD VAEs).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where used: the CLI imports this module for its choices
@@ -39,9 +40,11 @@ def load_vae(name_or_path: str, dtype: torch.dtype | None = None, device: str | 
 
     local = os.path.isdir(name_or_path)
     try:
-        vae = AutoencoderKL.from_pretrained(
-            name_or_path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
-        )
+        with warnings.catch_warnings():  # diffusers passes huggingface-hub 2.x a deprecated argument
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+            vae = AutoencoderKL.from_pretrained(
+                name_or_path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+            )
     except (OSError, ValueError) as err:
         if local:
             where = "the directory"

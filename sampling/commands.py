@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from latents.argtypes import fraction, nonnegative_float, positive_float, positive_int
 from latents.threads import set_torch_threads
 from latents.words import plural
 
@@ -49,11 +50,16 @@ it is never downloaded.
 
 
 def sample_command(args: argparse.Namespace) -> int:
+    from latents.artifacts import Kind, require_file, require_not_artifact, require_output_file
     from sampling.generate import ModelSource
     from sampling.options import SamplingUsageError, sampler_options
     from sampling.plan import parse_classes, parse_policy
 
     set_torch_threads()  # latents.threads: the driver (and --grid) computes here
+    require_file(args.checkpoint, "CKPT", "a checkpoint file (.safetensors export or .pt)")
+    require_not_artifact(args.vae, "--vae", "a VAE folder", (Kind.MODEL,))
+    if args.grid:
+        require_output_file(args.out, "OUT (--grid)")
     options = sampler_options(args)
     source = ModelSource(
         checkpoint=args.checkpoint,
@@ -113,9 +119,15 @@ def _grid(args: argparse.Namespace, source, options) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from latents.artifacts import Kind, require_file, require_not_artifact, require_output_file
     from sampling.evaluate import evaluate
 
     set_torch_threads()
+    require_not_artifact(args.samples, "SAMPLES", "samples (.npz, `sit sample` output or images)", (Kind.SAMPLES,))
+    require_not_artifact(args.ref, "--ref", "a reference (.npz or images)", (Kind.SAMPLES,))
+    require_file(args.inception, "--inception", "the Inception TorchScript file")
+    if args.save_ref_stats:
+        require_output_file(args.save_ref_stats, "--save-ref-stats")
     r = evaluate(
         args.samples,
         args.ref,
@@ -150,18 +162,26 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         help="SDE: euler (Euler-Maruyama) | heun. ODE: euler, heun, midpoint, rk4 (fixed steps) or "
         "dopri5, dopri8, bosh3, fehlberg2, adaptive_heun (adaptive). Default: euler for SDE, dopri5 for ODE",
     )
-    g.add_argument("--steps", type=int, default=None, help="steps (SDE: 250 incl. the last step; fixed-step ODE: 50)")
+    g.add_argument(
+        "--steps", type=positive_int, default=None, help="steps (SDE: 250 incl. the last step; fixed-step ODE: 50)"
+    )
     g.add_argument(
         "--diffusion-form",
         default="sigma",
         help="SDE w_t: constant, SBDM, sigma, linear, decreasing, increasing-decreasing (default: %(default)s)",
     )
-    g.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion norm (default: %(default)s)")
+    g.add_argument(
+        "--diffusion-norm", type=nonnegative_float, default=1.0, help="SDE diffusion norm (default: %(default)s)"
+    )
     g.add_argument("--last-step", default="Mean", help="SDE last step: none, Mean, Tweedie, Euler (default: Mean)")
-    g.add_argument("--last-step-size", type=float, default=0.04, help="SDE last step size (default: %(default)s)")
-    g.add_argument("--atol", type=float, default=1e-6, help="adaptive ODE atol (default: %(default)s)")
-    g.add_argument("--rtol", type=float, default=1e-3, help="adaptive ODE rtol (default: %(default)s)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale; 1 = none (default: %(default)s)")
+    g.add_argument(
+        "--last-step-size", type=positive_float, default=0.04, help="SDE last step size (default: %(default)s)"
+    )
+    g.add_argument("--atol", type=positive_float, default=1e-6, help="adaptive ODE atol (default: %(default)s)")
+    g.add_argument("--rtol", type=positive_float, default=1e-3, help="adaptive ODE rtol (default: %(default)s)")
+    g.add_argument(
+        "--cfg-scale", type=nonnegative_float, default=1.0, help="guidance scale; 1 = none (default: %(default)s)"
+    )
     g.add_argument(
         "--guided-channels",
         default="all",
@@ -169,7 +189,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--guidance-interval",
-        type=float,
+        type=fraction,
         nargs=2,
         default=(0.0, 1.0),
         metavar=("LO", "HI"),
@@ -196,10 +216,12 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="preset of a released .pt (e.g. SiT-XL/2): gives its head count and is checked against the weights",
     )
-    g.add_argument("--num-heads", type=int, default=None, help="attention heads of a released .pt without a preset")
+    g.add_argument(
+        "--num-heads", type=positive_int, default=None, help="attention heads of a released .pt without a preset"
+    )
     g.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="image side in pixels; checked against the model (default: the model's latent side x the VAE's factor)",
     )
@@ -218,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-dtype", default="fp32", help="VAE decoding precision: fp32 or bf16 (default: %(default)s)")
     add_checkpoint_arguments(p)
     g = p.add_argument_group("samples")
-    g.add_argument("--num-samples", type=int, default=None, help="number of images (required without --grid)")
+    g.add_argument("--num-samples", type=positive_int, default=None, help="number of images (required without --grid)")
     g.add_argument("--seed", type=int, default=0, help="run seed; sample i depends on (seed, i) only (default: 0)")
     g.add_argument(
         "--class-policy",
@@ -230,18 +252,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--save-latents", action="store_true", help="also store each sample's latents in its chunk")
     add_sampler_arguments(p)
     g = p.add_argument_group("job")
-    g.add_argument("--chunk-size", type=int, default=1000, help="samples per published tar (default: %(default)s)")
     g.add_argument(
-        "--batch-size", type=int, default=32, help="samples per sampler batch; CFG doubles it (default: %(default)s)"
+        "--chunk-size", type=positive_int, default=1000, help="samples per published tar (default: %(default)s)"
     )
-    g.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 1)")
-    g.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 on a GPU cluster, else 0")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="also torch threads (default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="samples per sampler batch; CFG doubles it (default: %(default)s)",
+    )
+    g.add_argument("--workers", type=positive_int, default=None, help="Ray actors (default: one per GPU, else 1)")
+    g.add_argument(
+        "--gpus-per-worker", type=nonnegative_float, default=None, help="default: 1 on a GPU cluster, else 0"
+    )
+    g.add_argument(
+        "--cpus-per-worker", type=positive_float, default=1.0, help="also torch threads (default: %(default)s)"
+    )
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress bars (Ray's own log lines always go to a log file)"
+    )
     g = p.add_argument_group("grid (--grid: local, no Ray)")
     g.add_argument("--grid", action="store_true", help="write a labelled PNG grid to OUT instead of a bulk run")
-    g.add_argument("--per-class", type=int, default=4, help="samples per class in the grid (default: %(default)s)")
+    g.add_argument(
+        "--per-class", type=positive_int, default=4, help="samples per class in the grid (default: %(default)s)"
+    )
     p.set_defaults(func=sample_command)
 
     p = subparsers.add_parser(
@@ -253,8 +288,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("samples", metavar="SAMPLES", help="samples .npz, `sit sample` output, or an image folder")
     p.add_argument("--ref", required=True, help="reference .npz (mu/sigma or arr_0 images) or image folder")
     p.add_argument("--inception", required=True, help="path of inception-2015-12-05.pt (TorchScript)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=100, help="images per Inception batch (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-samples", type=positive_int, default=None, help="evaluate only the first N samples (default: all)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--precision-recall",

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from latents.argtypes import Lazy, Parser, positive_int
+
 TRAIN_DESCRIPTION = """\
 Train a SiT model on a latent dataset written by `sit encode`, with FSDP2 on any number of
 processes (one here; `torchrun --nproc_per_node N -m trainer.train ...` for more, same flags).
@@ -18,6 +20,19 @@ the current step, write a checkpoint and exit with code 75: a launcher restarts 
 on 0. Outputs in --run-dir: config.json, metrics.jsonl, tensorboard/, samples/*.png and, at the
 end, ema.safetensors (the consolidated EMA, loadable by `sit sample`; export_url puts it on object storage).
 """
+
+
+MODELS_DESCRIPTION = """\
+List the SiT model presets (SiT-S/B/L/XL with patch 2, 4 or 8): depth, width, heads, patch size,
+tokens per image at --input-size and parameter count. A preset name goes to `sit train --set
+model.name=NAME` or to `sit sample --model NAME` for a released .pt checkpoint.
+"""
+
+
+def _presets() -> list[str]:
+    from trainer.config import PRESETS  # imports torch: only when `sit train` parses or shows its help
+
+    return list(PRESETS)
 
 
 def models(args: argparse.Namespace) -> int:
@@ -36,9 +51,13 @@ def models(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from trainer.config import PRESETS
-
-    p.add_argument("--preset", default="sit-xl2-256", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
+    p.add_argument(
+        "--preset",
+        default="sit-xl2-256",
+        choices=Lazy(_presets),
+        metavar="NAME",
+        help="model and recipe preset: %(choices)s (default: %(default)s)",
+    )
     p.add_argument("--config", metavar="FILE", help="a .json file of config sections applied on the preset")
     p.add_argument(
         "--set",
@@ -49,8 +68,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="override one key, e.g. --set optim.lr=2e-4 --set parallel.precision=fp32 (repeatable)",
     )
     p.add_argument("--data", metavar="URL", help="the latent dataset (same as --set data.url=URL)")
-    p.add_argument("--run-dir", metavar="DIR", help="local folder for logs, grids and the export (run_dir)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps in total (total_steps)")
+    p.add_argument(
+        "--run-dir", metavar="DIR", help="local folder for logs, grids and the export (run_dir; default: the preset's)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, metavar="N", help="optimizer steps in total (total_steps; default: the preset's)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -96,7 +119,7 @@ def train(args: argparse.Namespace) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m trainer.train`: the same flags as `sit train` (for torchrun)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m trainer.train",
         description=TRAIN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,9 +138,17 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list the SiT model presets", description=models.__doc__)
+    p = subparsers.add_parser(
+        "models",
+        help="list the SiT model presets",
+        description=MODELS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
-        "--input-size", type=int, default=32, help="latent side: 32 for 256 px, 64 for 512 px (default: %(default)s)"
+        "--input-size",
+        type=positive_int,
+        default=32,
+        help="latent side: 32 for 256 px, 64 for 512 px (default: %(default)s)",
     )
     p.set_defaults(func=models)
     p = subparsers.add_parser(
