@@ -26,7 +26,7 @@ import json
 import os
 
 from latents.format import CARD_NAME
-from latents.storage import Root
+from latents.storage import Root, retry
 
 ENCODE_RUN_FILE = "encode-run.json"  # pipeline.job: written before the first shard
 SAMPLES_RUN_FILE = "run.json"  # sampling.output: written before the first chunk
@@ -67,12 +67,12 @@ def _json(root: Root, name: str) -> dict:
 def detect(url: str) -> Kind:
     """The kind of artifact at ``url`` (see the module docstring); a `StorageError` for a bad URL."""
     root = Root(url)
-    fs, path = root.fs, root.path
-    if not fs.exists(path):
+    fs, path, what = root.fs, root.path, f"looking at {root.url}"
+    if not retry(lambda: fs.exists(path), what, root.attempts):
         return Kind.NOTHING
-    if fs.isfile(path):
+    if retry(lambda: fs.isfile(path), what, root.attempts):
         return Kind.FILE
-    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in retry(lambda: fs.ls(path, detail=False), what)}
     if not names:
         return Kind.EMPTY
     if CARD_NAME in names or ENCODE_RUN_FILE in names:

@@ -12,6 +12,7 @@ from PIL import Image
 from cluster.cli import main
 from cluster.demo import GRID_COLUMNS, SIZES
 from cluster.demo_data import BROKEN_FILES, CLASSES
+from latents.words import plural
 
 
 @pytest.mark.slow
@@ -47,7 +48,7 @@ def test_quick_demo_runs_end_to_end_and_reruns(tmp_path, ray_address, capsys):
     for step in ("1/5 images: reusing", "2/5 vae: reusing", "4/5 train: reusing"):
         assert step in second
     shards = s["encode"]["shards"]
-    assert f"{shards} shards ({shards} from an earlier run)" in second  # nothing encoded twice
+    assert f"{plural(shards, 'shard')} ({shards} from an earlier run)" in second  # nothing encoded twice
     assert second.count("(0 reused)") == 0 and "reused)" in second  # sample chunks kept
     assert json.loads((report / "summary.json").read_text())["latent_frechet_distance"] == pytest.approx(fd)
 
