@@ -52,6 +52,11 @@ class Lazy(Sequence):
         return value in self.items
 
 
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only for a person watching: not with --quiet, not into a file or a pipe."""
+    return not quiet and sys.stderr.isatty()
+
+
 def _number(kind: type, text: str):
     try:
         return kind(text)

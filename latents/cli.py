@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from latents.argtypes import nonnegative_int, positive_int
+from latents.argtypes import nonnegative_int, positive_int, show_progress
 from latents.words import plural
 
 STORAGE = """\
@@ -44,7 +44,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 def verify_command(args: argparse.Namespace) -> int:
     from latents.verify import verify
 
-    report = verify(args.url, workers=args.workers, progress=not args.quiet, strict=args.strict)
+    report = verify(args.url, workers=args.workers, progress=show_progress(args.quiet), strict=args.strict)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.ok:
@@ -85,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("url", metavar="URL", help="dataset root (path, file://, s3://, gs://)")
     p.add_argument("--workers", type=positive_int, default=4, help="shards checked concurrently (default: %(default)s)")
     p.add_argument("--max-problems", type=nonnegative_int, default=50, help="problems to list (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress output (none either when stderr is not a terminal)"
+    )
     p.add_argument("--strict", action="store_true", help="fail on leftover temporary files too")
     p.set_defaults(func=verify_command)

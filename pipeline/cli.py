@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from latents.argtypes import Lazy, fraction, nonnegative_float, positive_float, positive_int, resolution
+from latents.argtypes import Lazy, fraction, nonnegative_float, positive_float, positive_int, resolution, show_progress
 from pipeline.vae import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
 
 
@@ -57,7 +57,7 @@ def encode_command(args: argparse.Namespace) -> int:
         max_reject_fraction=args.max_reject_fraction,
         seed=args.seed,
         address=args.address,
-        progress=not args.quiet,
+        progress=show_progress(args.quiet),
     )
     print(run_encode(cfg).format())  # errors: one line from `sit` (cluster.cli.USER_ERRORS)
     return 0
@@ -142,5 +142,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--readers", type=positive_int, help="concurrent read/decode tasks (default: the CPUs the encoders leave)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar (Ray's own log lines always go to a log file)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (none either when stderr is not a terminal); Ray's log lines go to a log file",
+    )
     p.set_defaults(func=encode_command)

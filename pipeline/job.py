@@ -22,7 +22,6 @@ refused. Only when every shard is committed and source = encoded + rejected are
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -373,7 +372,6 @@ def _encode_pending(
     from tqdm import tqdm
 
     connect(cfg.address)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar says what its INFO lines say
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

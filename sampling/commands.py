@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from latents.argtypes import fraction, nonnegative_float, positive_float, positive_int
+from latents.argtypes import fraction, nonnegative_float, positive_float, positive_int, show_progress
 from latents.threads import set_torch_threads
 from latents.words import plural
 
@@ -91,7 +91,7 @@ def sample_command(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         save_latents=args.save_latents,
         address=args.address,
-        progress=not args.quiet,
+        progress=show_progress(args.quiet),
     )
     s = run_sample_job(job)
     print(
@@ -137,7 +137,7 @@ def eval_command(args: argparse.Namespace) -> int:
         limit=args.num_samples,
         with_precision_recall=args.precision_recall,
         save_reference_stats=args.save_ref_stats,
-        progress=not args.quiet,
+        progress=show_progress(args.quiet),
     )
     if args.json:
         print(json.dumps(r.to_dict()))
@@ -270,7 +270,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     g.add_argument(
-        "--quiet", action="store_true", help="no progress bars (Ray's own log lines always go to a log file)"
+        "--quiet",
+        action="store_true",
+        help="no progress bars (none either when stderr is not a terminal); Ray's log lines go to a log file",
     )
     g = p.add_argument_group("grid (--grid: local, no Ray)")
     g.add_argument("--grid", action="store_true", help="write a labelled PNG grid to OUT instead of a bulk run")
@@ -302,5 +304,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--save-ref-stats", default=None, help="write the reference's mu/sigma to this .npz")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
     p.set_defaults(func=eval_command)
