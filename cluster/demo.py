@@ -77,6 +77,7 @@ def demo(args: argparse.Namespace) -> int:
     from cluster import demo_steps as steps
     from latents.artifacts import DEMO_SIZE_FILE, Kind, require_output
     from latents.threads import set_torch_threads
+    from pipeline.ray_jobs import route_ray_logs
 
     require_output(args.out, Kind.DEMO, "--out")  # before --fresh deletes anything
     set_torch_threads()  # the VAE fit runs here: a loaded machine must not make it spin (latents.threads)
@@ -92,6 +93,7 @@ def demo(args: argparse.Namespace) -> int:
         raise DemoError(f"{out} holds a demo of another size ({sized.read_text()}); pass --fresh or another --out")
     sized.write_text(json.dumps(size.__dict__))
     log = Log(out)
+    route_ray_logs(str(out / "demo.log"))  # Ray's own log lines: in the run's log, not on the terminal
     log(f"sit demo into {out} ({'quick' if args.quick else 'full'} size; rerun reuses finished steps)")
     timings: dict[str, float] = {}
 
