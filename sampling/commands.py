@@ -119,13 +119,15 @@ def _grid(args: argparse.Namespace, source, options) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from latents.artifacts import Kind, require_file, require_not_artifact, require_output_file
+    from latents.artifacts import Kind, require_not_artifact, require_output_file
     from sampling.evaluate import evaluate
 
     set_torch_threads()
     require_not_artifact(args.samples, "SAMPLES", "samples (.npz, `sit sample` output or images)", (Kind.SAMPLES,))
     require_not_artifact(args.ref, "--ref", "a reference (.npz or images)", (Kind.SAMPLES,))
-    require_file(args.inception, "--inception", "the Inception TorchScript file")
+    require_not_artifact(
+        args.inception, "--inception", "the Inception TorchScript file"
+    )  # missing: evaluate says where to get it
     if args.save_ref_stats:
         require_output_file(args.save_ref_stats, "--save-ref-stats")
     r = evaluate(
