@@ -53,14 +53,12 @@ def save_export(url: str, state_dict: dict[str, torch.Tensor], config: SiTConfig
 
 
 def looks_like_safetensors(url: str, data: bytes) -> bool:
-    """Whether ``data`` is meant as safetensors: its name says so, or an 8-byte length then ``{``.
+    """Whether ``data`` is meant as safetensors: its name says so, or its header starts with ``{``.
 
-    Torch checkpoints start with ``PK`` (zip) or ``\\x80`` (a legacy pickle) and are never taken
-    for safetensors, so a damaged safetensors file is reported as one, not handed to torch.load.
+    (8 bytes of header length, then the JSON header; a torch zip starts ``PK\\x03\\x04`` with a zero there.) A
+    damaged safetensors file is then reported as one, never handed to torch.load.
     """
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        return False
-    return url.endswith(".safetensors") or data[8:9] == b"{"
+    return url.endswith(".safetensors") or (data[8:9] == b"{" and not data.startswith(b"PK\x03\x04"))
 
 
 def safetensors_header(url: str, data: bytes) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -324,3 +325,43 @@ def argparse_suppress():
     import argparse
 
     return argparse.SUPPRESS
+
+
+# A few cells as real processes: what a user's terminal gets, import-time warnings included.
+PROCESS_CELLS = [
+    (["-m", "cluster.cli", "train", "--preset", "tiny-cpu", "--data", f"{W}/ds", "--run-dir", f"{W}/file.txt"], 1,
+     "sit train: error: --run-dir"),
+    (["-m", "trainer.train", "--preset", "tiny-cpu", "--data", f"{W}/ds", "--run-dir", f"{W}/samples"], 1,
+     "error: --run-dir"),
+    (["-m", "cluster.cli", "sample", f"{W}/ckpt/header.safetensors", f"{W}/new", *VAE, "--num-samples", "2"], 1,
+     "damaged safetensors header"),
+    (["-m", "cluster.cli", "encode", f"{W}/images", f"{W}/new", *VAE, "--resolution", "100"], 2, "--resolution"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "names"), PROCESS_CELLS, ids=[c[0][1] + " " + c[0][2] for c in PROCESS_CELLS]
+)
+def test_misuse_in_a_process_is_one_line(argv, status, names, workspace, tiny_vae_dir):
+    import subprocess
+    import sys
+
+    argv = _fill(argv, workspace, tiny_vae_dir)
+    before = listing(workspace, tiny_vae_dir)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=workspace / "cwd", env=env)
+    assert out.returncode == status and out.stderr.count("\n") == 1 and names in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "[rank" not in out.stderr and out.stdout == ""
+    assert listing(workspace, tiny_vae_dir) == before
+
+
+def test_safetensors_are_told_from_torch_files_by_name_or_content():
+    """A header length whose first byte is 0x80 (a pickle's first byte) or whose bytes spell "PK" is
+    still safetensors: the demo's export had such a length and was once handed to torch.load."""
+    from trainer.export import looks_like_safetensors
+
+    for n in (0x80, 0x4B50, 0x1280, 0x34B50):
+        assert looks_like_safetensors("ema.bin", n.to_bytes(8, "little") + b'{"a": 1}')
+    released = (REFERENCE_DIR / "released_sit_tiny" / "state_dict.pt").read_bytes()
+    assert not looks_like_safetensors("model.pt", released) and looks_like_safetensors("x.safetensors", b"")
