@@ -51,7 +51,7 @@ def route_ray_logs(path: str | None = None) -> str:
     if _HANDLER is None or _HANDLER.baseFilename != os.path.abspath(_LOG_FILE):
         if _HANDLER is not None:
             _HANDLER.close()
-        _HANDLER = logging.FileHandler(_LOG_FILE)
+        _HANDLER = logging.FileHandler(_LOG_FILE, delay=True)  # created at the first line
         _HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s:%(lineno)d -- %(message)s"))
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
