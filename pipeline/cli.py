@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latents.autoencoder import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
 from latents.format import STORED_POSTERIOR, STORED_SAMPLE
-from pipeline.vae import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
 
 
 def encode_command(args: argparse.Namespace) -> int:
@@ -80,15 +80,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--vae",
         default=DEFAULT_VAE,
-        help=f"VAE directory (save_pretrained) or locally cached hub id; {' or '.join(VAE_CHOICES)} "
+        help=f"autoencoder directory (save_pretrained) or locally cached hub id: AutoencoderKL (SD, SDXL, SD3, "
+        f"FLUX.1), AutoencoderKLFlux2, AutoencoderDC or AutoencoderRAE, by its config; {' or '.join(VAE_CHOICES)} "
         "(default: %(default)s). Nothing is downloaded.",
     )
     g.add_argument("--dtype", choices=list(VAE_DTYPES), default="fp32", help="VAE compute dtype (never fp16)")
     g.add_argument(
         "--stored",
         choices=[STORED_POSTERIOR, STORED_SAMPLE],
-        default=STORED_POSTERIOR,
-        help="store the posterior mean+std (default) or one sampled latent",
+        default=None,
+        help="Gaussian posteriors (AutoencoderKL, FLUX.2): store the mean+std (default) or one sampled latent; "
+        "deterministic autoencoders (DC-AE, RAE) always store their latent",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed for --stored sample (default: %(default)s)")
     g.add_argument(

@@ -91,9 +91,9 @@ def train(args: argparse.Namespace) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions `sit train` reports as one line (exit 1) instead of a traceback."""
+    from latents.autoencoder import AutoencoderError
     from latents.format import DatasetError
     from latents.storage import StorageError
-    from pipeline.vae import VaeNotFoundError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.export import ExportError
@@ -109,7 +109,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CheckpointError,
         DatasetError,
         ExportError,
-        VaeNotFoundError,
+        AutoencoderError,
     )
 
 

@@ -45,7 +45,7 @@ def test_file_then_overrides(tmp_path):
         ("total_steps=1.5", "total_steps: expected int"),
         ("transport.path_type=Curved", "valid: Linear, GVP, VP"),
         ("parallel.precision=fp16", "valid: bf16, fp32"),
-        ("model.name=SiT-M/3", "valid: custom, SiT-S/2"),
+        ("model.name=SiT-M/3", "valid: custom, SiT-S/1, SiT-S/2"),
         ("optim", "not KEY=VALUE"),
         ("optim=3", "is a section"),
     ],
