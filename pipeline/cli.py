@@ -69,7 +69,7 @@ def _positive(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "encode",
-        help="encode images (folders, parquet, webdataset tars) into a latent dataset with the SD VAE on Ray",
+        help="encode images (folders, parquet, webdataset tars) into a latent dataset with an autoencoder on Ray",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
