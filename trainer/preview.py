@@ -3,7 +3,8 @@
 Every rank runs the same probability-flow ODE (Euler, ``log.sample_steps`` uniform steps over the
 transport's interval, fixed noise) with the sharded EMA - its forward is collective - and rank 0
 writes one PNG: a row per class of ``log.sample_classes``, decoded with the autoencoder of
-``log.vae`` (loaded once, on the first preview) and the transform the model trains in, else the
+``log.vae`` (loaded once, on the first preview, and checked against the dataset card's
+autoencoder) and the transform the model trains in, else the
 latent-channel picture of `latents.pictures.latent_picture`.
 """
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from latents.autoencoder import load_autoencoder
+from latents.autoencoder import check_identity, load_autoencoder
 from latents.pictures import image_grid, latent_picture
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ def draw_preview(trainer: Trainer, path: Path) -> None:
         return
     if c.log.vae:
         if trainer.preview_autoencoder is None:
-            trainer.preview_autoencoder = load_autoencoder(c.log.vae, torch.float32, dev)
+            ae = load_autoencoder(c.log.vae, torch.float32, dev)
+            check_identity(trainer.dataset.card.autoencoder, ae, f"the dataset {c.data.url}", "log.vae")
+            trainer.preview_autoencoder = ae
         pictures = trainer.preview_autoencoder.decode_to_uint8(x, trainer.transform)
     else:
         pictures = latent_picture(x)

@@ -15,6 +15,7 @@ from cluster.cli import main as sit
 from latents.autoencoder import LatentTransform, load_autoencoder
 from pipeline.synthetic import synthetic_images, write_imagefolder
 from tests.conftest import FAMILY_SHAPES
+from tests.latents.test_statistics_and_v1 import numpy_statistics
 from trainer.export import read_export
 
 CLASSES = {"sd": "AutoencoderKL", "flux1": "AutoencoderKL", "flux2": "AutoencoderKLFlux2", "dcae": "AutoencoderDC"}
@@ -62,6 +63,9 @@ def test_encode_train_sample_end_to_end(family, runs, ray_address, tiny_autoenco
     assert card["autoencoder"] == {"class": CLASSES[family], "config_sha256": ae.identity["config_sha256"]}
     assert card["stored"] == ("posterior" if family in ("sd", "flux1", "flux2") else "latent")
     assert LatentTransform.from_dict(card["transform"]) == ae.own_transform()
+    mean, std = numpy_statistics(str(data))  # the encode job's streaming float64 statistics, both flips
+    np.testing.assert_allclose(card["channel_mean"], mean, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(card["channel_std"], std, rtol=1e-6)
 
     capsys.readouterr()
     assert sit(["inspect", str(data)]) == 0
