@@ -38,8 +38,8 @@ class ModelConfig:
     hidden_size: int = 0  # token width (custom models only)
     num_heads: int = 0  # attention heads (custom models only)
     patch_size: int = 0  # latent patch side (custom models only)
-    input_size: int = 32  # model-latent side: 32 at 256 px with the SD VAE (16 with RAE/FLUX.2); must match the dataset
-    in_channels: int = 4  # model-latent channels (4 SD, 16 SD3/FLUX.1, 128 FLUX.2, 768 RAE-B); must match the dataset
+    input_size: int = 32  # model-latent side: 32 at 256 px with the SD VAE (16 RAE/FLUX.2); 0 = the dataset's
+    in_channels: int = 4  # model-latent channels (4 SD, 16 SD3/FLUX.1, 128 FLUX.2, 768 RAE-B); 0 = the dataset's
     num_classes: int = NUM_CLASSES  # classes; must match the dataset (the null class is index num_classes)
     class_dropout_prob: float = LABEL_DROPOUT  # label dropout probability (for classifier-free guidance)
     learn_sigma: bool = True  # 2x output channels like the released checkpoints (second half unused)

@@ -13,6 +13,7 @@ every generator; a resumed run continues bitwise identically on CPU. Exit codes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -85,7 +86,7 @@ def check_dataset(url: str, card, model: SiTConfig, transform: LatentTransform |
     if problems:
         raise DatasetMismatchError(
             f"{url}: dataset does not match the model: {'; '.join(problems)} "
-            "(set model.input_size / model.in_channels / model.num_classes)"
+            "(set model.input_size / model.in_channels, 0 for the dataset's, / model.num_classes)"
         )
 
 
@@ -128,6 +129,11 @@ class Trainer:
             transform=c.data.norm(),
         )
         self.transform = self.dataset.transform
+        if not (c.model.in_channels and c.model.input_size):  # 0: the dataset's model-space shape
+            channels, side, _ = self.dataset.model_shape
+            self.model_config = dataclasses.replace(
+                self.model_config, in_channels=c.model.in_channels or channels, input_size=c.model.input_size or side
+            )
         check_dataset(c.data.url, self.dataset.card, self.model_config, self.transform)
         self.loader = LatentLoader(self.dataset, num_workers=c.data.num_workers, pin_memory=world.device.type == "cuda")
 

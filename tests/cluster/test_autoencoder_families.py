@@ -41,9 +41,9 @@ def runs(ray_address, tiny_autoencoders, source, tmp_path_factory) -> dict:
             vae, data, run = str(tiny_autoencoders[family]), root / "data", root / "run"
             assert sit(["encode", source, str(data), "--resolution", "64", "--vae", vae, "--address", ray_address,
                         "--shard-size", "4", "--micro-batch", "4", "--quiet"]) == 0  # fmt: skip
-            c, side, _ = FAMILY_SHAPES[family][1]
+            # the model's latent shape from the card (0); the e2e test checks it is the model-space shape
             assert sit(["train", "--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run), "--steps", "2",
-                        "--set", f"model.in_channels={c}", "--set", f"model.input_size={side}",
+                        "--set", "model.in_channels=0", "--set", "model.input_size=0",
                         "--set", "model.num_classes=2", "--set", "data.global_batch_size=4",
                         "--set", "log.tensorboard=false", "--set", "log.progress=false"]) == 0  # fmt: skip
             out[family] = (data, run / "ema.safetensors")
@@ -73,7 +73,8 @@ def test_encode_train_sample_end_to_end(family, runs, ray_address, tiny_autoenco
     assert CLASSES[family] in shown and f"model latents {model_shape}" in shown
     assert ("posterior mean+std stored" if card["stored"] == "posterior" else "latent stored") in shown
 
-    _, _, extra = read_export(str(export))  # the export is the one record of the autoencoder and transform
+    config, _, extra = read_export(str(export))  # the export is the one record of the autoencoder and transform
+    assert (config.in_channels, config.input_size, config.input_size) == model_shape
     assert extra["autoencoder"]["class"] == CLASSES[family] and extra["latent_transform"] == card["transform"]
 
     out = tmp_path / "samples"
