@@ -358,9 +358,8 @@ def load_autoencoder(name_or_path: str, dtype: torch.dtype | None = None, device
 
     config = read_config(name_or_path)
     family = parse_family(str(config.get("_class_name")), f"{name_or_path}/config.json")
-    cls = getattr(diffusers, family.value)
     try:
-        module = cls.from_pretrained(
+        module = getattr(diffusers, family.value).from_pretrained(
             name_or_path, local_files_only=True, torch_dtype=dtype or torch.float32, low_cpu_mem_usage=False
         )
     except ImportError as err:  # AutoencoderRAE needs transformers
