@@ -8,7 +8,9 @@ each tiny test config, and the SD-VAE encode path side by side with another code
    encode figure in `sit encode` (the image and its mirror).
 2. Images/s of `pipeline.encode.VaeEncoder` (image + mirror, float32, CPU, this process's threads)
    with each tiny config of tests/conftest.py at 64 px.
-3. ``--baseline-tree DIR``: the SD-VAE encode path (`VaeEncoder` with the real SD-VAE architecture,
+3. ``--interleaved N``: this tree's `VaeEncoder` and main's call body (copied here) on one module,
+   in ABBA order, N calls each: the overhead of the new layer with the machine's noise cancelled.
+4. ``--baseline-tree DIR``: the SD-VAE encode path (`VaeEncoder` with the real SD-VAE architecture,
    random weights) of this tree and of DIR (e.g. ``git archive main | tar -x -C /tmp/main``), each in
    its own subprocess, alternating rounds, so that both see the same machine state.
 
@@ -121,10 +123,10 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[3]))
 from pipeline.encode import VaeEncoder, latent_spec
-try:
-    from latents.autoencoder import load_autoencoder as load
-except ImportError:  # main before issue 19
+try:  # main before issue 19 (an editable install may map missing modules to this tree: try main's first)
     from pipeline.vae import load_vae as load
+except ImportError:
+    from latents.autoencoder import load_autoencoder as load
 vae_dir, res, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
 spec = latent_spec(load(vae_dir), res)
 encoder = VaeEncoder(vae_dir, torch.float32, "cpu", spec)
@@ -147,8 +149,9 @@ def side_by_side(baseline: str, rounds: int, resolution: int, threads: int, call
         AutoencoderKL(**config).save_pretrained(Path(tmp) / "sd-vae")
         rates: dict[str, list[float]] = {"this": [], "baseline": []}
         sums = {}
-        for _ in range(rounds):
-            for label, tree in (("baseline", baseline), ("this", str(ROOT))):
+        order = (("baseline", baseline), ("this", str(ROOT)))
+        for r in range(rounds):
+            for label, tree in order if r % 2 == 0 else order[::-1]:  # ABBA: drift within a round cancels
                 env = {**os.environ, "PYTHONPATH": tree}
                 args = [
                     sys.executable,
@@ -164,6 +167,7 @@ def side_by_side(baseline: str, rounds: int, resolution: int, threads: int, call
                 rates[label].append(result["images_per_s"])
                 sums[label] = result["sum"]
     best = {k: max(v) for k, v in rates.items()}
+    median = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
     return {
         "benchmark": "sd_vae_encode_side_by_side",
         "resolution": resolution,
@@ -171,7 +175,57 @@ def side_by_side(baseline: str, rounds: int, resolution: int, threads: int, call
         "rounds": rates,
         "best_images_per_s": best,
         "ratio_this_over_baseline": round(best["this"] / best["baseline"], 4),
+        "median_ratio": round(median["this"] / median["baseline"], 4),
         "same_output": sums["this"] == sums["baseline"],
+    }
+
+
+def _main_encode(vae, spec, images):
+    """main's `VaeEncoder.__call__` (before issue 19) for stored="posterior", verbatim but for the names."""
+    from pipeline.preprocess import to_model_input
+
+    b = images.shape[0]
+    x = torch.from_numpy(to_model_input(images))
+    x = torch.cat([x, x.flip(-1)]).to(torch.float32).contiguous(memory_format=torch.channels_last)
+    posterior = vae.encode(x).latent_dist
+    mean = posterior.mean.float().reshape(spec.num_flips, b, *spec.latent_shape)
+    std = posterior.std.float().reshape(spec.num_flips, b, *spec.latent_shape)
+    mean, std = mean.transpose(0, 1), std.transpose(0, 1)
+    return torch.stack([mean, std], dim=2).cpu().numpy().astype(spec.storage_dtype)
+
+
+def interleaved(resolution: int, pairs: int) -> dict:
+    """This tree's VaeEncoder and main's call body on the same module, alternating call by call (noise-robust)."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from latents.autoencoder import load_autoencoder
+    from pipeline.encode import VaeEncoder, latent_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoencoderKL(**REAL_CONFIGS["SD-VAE (sd-vae-ft-ema)"][1]).save_pretrained(Path(tmp) / "sd-vae")
+        path = str(Path(tmp) / "sd-vae")
+        spec = latent_spec(load_autoencoder(path), resolution)
+        encoder = VaeEncoder(path, torch.float32, "cpu", spec)
+    images = np.random.default_rng(0).integers(0, 256, (2, resolution, resolution, 3), dtype=np.uint8)
+    keys = ["a", "b"]
+    times = {"this": [], "main_body": []}
+    with torch.inference_mode():
+        same = np.array_equal(encoder(images, keys), _main_encode(encoder.vae, spec, images))
+        for i in range(2 * pairs):
+            label = ("this", "main_body")[(i + i // 2) % 2]  # ABBA order: drift cancels
+            start = time.perf_counter()
+            encoder(images, keys) if label == "this" else _main_encode(encoder.vae, spec, images)
+            times[label].append(time.perf_counter() - start)
+    total = {k: sum(v) for k, v in times.items()}
+    return {
+        "benchmark": "sd_vae_encode_interleaved",
+        "resolution": resolution,
+        "calls_each": pairs,
+        "seconds": {k: round(v, 3) for k, v in total.items()},
+        "ratio_this_over_main_rate": round(total["main_body"] / total["this"], 4),
+        "same_output": bool(same),
     }
 
 
@@ -183,14 +237,18 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3, help="timed encoder calls (2 images + mirrors) per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--only-side-by-side", action="store_true")
+    parser.add_argument("--interleaved", type=int, default=0, help="also N ABBA pairs in one process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for name, (cls_name, config) in REAL_CONFIGS.items():
+    for name, (cls_name, config) in REAL_CONFIGS.items() if not args.only_side_by_side else ():
         print(json.dumps({"benchmark": "autoencoder_gmac_256", "autoencoder": name, "class": cls_name,
                           **gmac_per_image(cls_name, config)}))  # fmt: skip
-    if not args.skip_tiny:
+    if not (args.skip_tiny or args.only_side_by_side):
         for row in tiny_rates():
             print(json.dumps({"benchmark": "tiny_encode_64px_cpu", "threads": args.threads, **row}))
+    if args.interleaved:
+        print(json.dumps(interleaved(args.resolution, args.interleaved)))
     if args.baseline_tree:
         print(json.dumps(side_by_side(args.baseline_tree, args.rounds, args.resolution, args.threads, args.calls)))
 

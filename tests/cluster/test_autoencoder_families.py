@@ -125,3 +125,13 @@ def test_sample_refuses_another_autoencoder(runs, tiny_autoencoders, tmp_path, c
         == 1
     )
     assert "latent shape" in capsys.readouterr().err  # 16 channels do not fit the SD VAE's 4: refused, named
+
+    from diffusers import AutoencoderKL
+
+    shifted = AutoencoderKL.from_pretrained(str(tiny_autoencoders["flux1"]))  # same weights, another shift_factor
+    shifted.register_to_config(shift_factor=0.2)
+    shifted.save_pretrained(tmp_path / "shifted")
+    grid = ["sample", str(export), str(tmp_path / "s.png"), "--grid", "--vae", str(tmp_path / "shifted"), "--classes",
+            "0", "--per-class", "1", "--mode", "ODE", "--method", "euler", "--steps", "2"]  # fmt: skip
+    assert sit(grid) == 1 and "AutoencoderKL config" in capsys.readouterr().err
+    assert sit([*grid, "--allow-vae-mismatch"]) == 0 and (tmp_path / "s.png").exists()

@@ -126,3 +126,14 @@ def test_unsupported_autoencoder_is_named(tmp_path):
     with pytest.raises(AutoencoderError, match=r"taesd/config\.json: autoencoder class 'AutoencoderTiny' is not "):
         load_autoencoder(str(tmp_path / "taesd"))
     assert {f.value for f in Family} == {"AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderDC", "AutoencoderRAE"}
+
+
+def test_missing_optional_package_is_one_line(tiny_autoencoders, monkeypatch):
+    import diffusers
+
+    def no_transformers(*args, **kwargs):
+        raise ImportError("AutoencoderRAE requires the transformers library")
+
+    monkeypatch.setattr(diffusers.AutoencoderRAE, "from_pretrained", no_transformers)
+    with pytest.raises(AutoencoderError, match=r"\(AutoencoderRAE\) needs an optional package: .*sit-pipeline\[rae\]"):
+        load_autoencoder(str(tiny_autoencoders["rae"]))
