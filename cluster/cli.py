@@ -31,7 +31,7 @@ USER_ERRORS = (
     ("builtins", "PermissionError"),
     ("latents.format", "DatasetError"),
     ("latents.storage", "StorageError"),
-    ("pipeline.vae", "VaeNotFoundError"),
+    ("latents.autoencoder", "AutoencoderError"),
     ("trainer.export", "ExportError"),
     ("trainer.checkpoint_import", "CheckpointMismatchError"),
     ("pipeline.sources", "SourceError"),

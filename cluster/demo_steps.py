@@ -203,7 +203,7 @@ def write_report(
     out: Path, size: DemoSize, images: dict, encoded: dict, trained: dict, sampled: dict, timings: dict, log
 ) -> Path:
     from cluster.plot import line_plot, moving_average
-    from sampling.grid import image_grid
+    from latents.pictures import image_grid
     from sampling.image_sources import read_npz_arrays
 
     report = out / "report"

@@ -12,7 +12,8 @@ Layout under a dataset root URL (local path, file://, s3://, gs://, memory://):
     shards/000000.tar  tar shards; per sample, in order:
         {key}.latents.zst  one zstd frame per stored flip (flip 0 = image, flip 1 = its mirror),
                            concatenated; each frame is an .npy file of shape (K, C, H, W) in the
-                           storage dtype, K = 2 (posterior mean, std) or 1 (one sampled latent)
+                           storage dtype, K = 2 (posterior mean, std) or 1 (one sampled latent,
+                           or the latent of a deterministic autoencoder)
         {key}.cls          the class label, ASCII decimal
 
 Also here: the card's field checks, the sample checks writers apply, the tar member layout
@@ -34,8 +35,11 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from latents.autoencoder import SD_VAE_CLASS, LatentNorm, LatentTransform, dataset_transform
+
 FORMAT_NAME = "sit-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: SD-VAE only (scaling_factor, no autoencoder or transform fields)
 
 CARD_NAME = "card.json"
 MANIFEST_NAME = "manifest.parquet"
@@ -49,6 +53,8 @@ LABEL_SUFFIX = ".cls"
 STORAGE_DTYPE = "float16"  # 2^-11 relative rounding: 16x finer than the bf16 used in training
 STORED_POSTERIOR = "posterior"  # K = 2: mean and std of the VAE posterior
 STORED_SAMPLE = "sample"  # K = 1: one sampled latent
+STORED_LATENT = "latent"  # K = 1: the latent of a deterministic autoencoder (DC-AE, RAE); version 2
+STORED_KINDS = (STORED_POSTERIOR, STORED_SAMPLE, STORED_LATENT)
 ZSTD_LEVEL = 3
 CODEC = f"zstd-{ZSTD_LEVEL}+npy"
 TAR_BLOCK = 512  # ustar block: headers and padded member data
@@ -124,13 +130,13 @@ class LatentSpec:
     """What one stored sample holds."""
 
     latent_shape: tuple[int, int, int]  # (C, H, W), e.g. (4, 32, 32) at 256 px
-    stored: str = STORED_POSTERIOR  # "posterior" (mean + std) or "sample"
+    stored: str = STORED_POSTERIOR  # "posterior" (mean + std), "sample" or "latent" (deterministic)
     flips: bool = True  # the horizontal mirror is stored too
     storage_dtype: str = STORAGE_DTYPE
 
     def __post_init__(self):
-        if self.stored not in (STORED_POSTERIOR, STORED_SAMPLE):
-            raise ValueError(f"stored must be {STORED_POSTERIOR!r} or {STORED_SAMPLE!r}, not {self.stored!r}")
+        if self.stored not in STORED_KINDS:
+            raise ValueError(f"stored must be one of {', '.join(STORED_KINDS)}, not {self.stored!r}")
         if self.storage_dtype != STORAGE_DTYPE:
             raise ValueError(f"storage dtype must be {STORAGE_DTYPE}, not {self.storage_dtype}")
         object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
@@ -172,21 +178,26 @@ class LatentSpec:
         return max(1, shard_bytes // self.raw_sample_bytes)
 
 
-@dataclass
+V1_ONLY = ("scaling_factor",)  # version-1 card fields that version 2 replaced (by autoencoder + transform)
+V2_ONLY = ("autoencoder", "transform")
+
+
+@dataclass(kw_only=True)
 class DatasetCard:
     """card.json: what the dataset is. Written last; its presence means the dataset is complete."""
 
     resolution: int  # image side the latents were encoded from (256, 512)
-    latent_shape: list[int]  # (C, H, W)
-    stored: str  # "posterior" or "sample"
+    latent_shape: list[int]  # stored (C, H, W), before the transform
+    stored: str  # "posterior", "sample" or "latent" (deterministic autoencoder)
     flips: bool  # horizontal mirrors stored
-    vae: str  # VAE id, e.g. stabilityai/sd-vae-ft-ema
-    scaling_factor: float  # from the VAE config; the reader multiplies latents by it
+    vae: str  # autoencoder id as given to `sit encode`, e.g. stabilityai/sd-vae-ft-ema
+    autoencoder: dict  # {"class": diffusers class, "config_sha256": hash of its config} (v1: AutoencoderKL, "")
+    transform: dict  # the autoencoder's own stored -> model transform (latents.autoencoder.LatentTransform)
     num_classes: int
     num_samples: int
     num_shards: int
     total_bytes: int  # shard bytes
-    channel_mean: list[float]  # per-channel mean of the (unscaled) latent distribution
+    channel_mean: list[float]  # per-channel mean of the stored latent distribution (float64 sums, both flips)
     channel_std: list[float]  # per-channel std of it (posterior variance included)
     source_fingerprint: str  # identifies the source images (set by the encoder)
     tool_version: str  # what wrote it
@@ -199,6 +210,17 @@ class DatasetCard:
     @property
     def spec(self) -> LatentSpec:
         return LatentSpec(tuple(self.latent_shape), self.stored, self.flips, self.storage_dtype)
+
+    @property
+    def latent_transform(self) -> LatentTransform:
+        """The autoencoder's own transform: what the reader applies unless told otherwise."""
+        return LatentTransform.from_dict(self.transform)
+
+    def model_transform(self, norm: LatentNorm = LatentNorm.VAE) -> LatentTransform:
+        """The transform to train in: the autoencoder's own, or (z - mean_c) / std_c from this card's statistics."""
+        if norm is LatentNorm.DATASET:
+            return dataset_transform(self.latent_transform, self.channel_mean, self.channel_std)
+        return self.latent_transform
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -214,19 +236,26 @@ class DatasetCard:
             raise DatasetError(f"{where}: must hold a JSON object, not a {type(data).__name__}")
         if data.get("format") != FORMAT_NAME:
             raise UnsupportedFormatError(f"{where}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
-        if data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise UnsupportedFormatError(
-                f"{where}: format version {data.get('format_version')!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
+                f"{where}: format version {version!r} is not supported "
+                f"(this code reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        names = {f.name for f in fields(cls)}
+        names = (names - set(V2_ONLY)) | set(V1_ONLY) if version == 1 else names
         optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name not in optional)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        missing = sorted(n for n in names if n not in data and n not in optional)
+        unknown = sorted(set(data) - names)
         if missing or unknown:
             raise DatasetError(f"{where}: missing fields {missing}, unknown fields {unknown}")
         problems = [p for name, value in data.items() if (p := _check_field(name, value, data)) is not None]
         if problems:
             raise DatasetError(f"{where}: " + "; ".join(problems))
+        if version == 1:  # SD-VAE latents: the reader multiplied by scaling_factor
+            scale = data.pop("scaling_factor")
+            data["autoencoder"] = {"class": SD_VAE_CLASS, "config_sha256": ""}
+            data["transform"] = LatentTransform(scale=scale).to_dict()
         return cls(**data)
 
 
@@ -251,8 +280,18 @@ def _check_field(name: str, v, card: dict) -> str | None:
         return f"latent_shape must be a list of 3 positive integers [C, H, W], not {v!r}"
     if name == "scaling_factor" and not (_is_number(v) and v > 0):
         return f"scaling_factor must be a finite positive number, not {v!r}"
-    if name == "stored" and v not in (STORED_POSTERIOR, STORED_SAMPLE):
-        return f"stored must be {STORED_POSTERIOR!r} or {STORED_SAMPLE!r}, not {v!r}"
+    kinds = STORED_KINDS if card.get("format_version") != 1 else (STORED_POSTERIOR, STORED_SAMPLE)
+    if name == "stored" and v not in kinds:
+        return f"stored must be one of {', '.join(kinds)}, not {v!r}"
+    if name == "autoencoder" and not (
+        isinstance(v, dict) and set(v) == {"class", "config_sha256"} and all(isinstance(x, str) for x in v.values())
+    ):
+        return f"autoencoder must be an object of class and config_sha256 strings, not {v!r}"
+    if name == "transform":
+        try:
+            LatentTransform.from_dict(v)
+        except ValueError as err:
+            return f"transform: {err}"
     if name == "flips" and not isinstance(v, bool):
         return f"flips must be true or false, not {v!r}"
     if name == "storage_dtype" and v != STORAGE_DTYPE:

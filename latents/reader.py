@@ -14,8 +14,10 @@ world size and the worker count); here we fetch and decode them:
   that is 128 MiB per worker, 4 GiB for 8 ranks x 4 workers. (Smaller windows mean smaller range
   requests: on moto's S3 server 16 MiB windows read at ~60% of the speed of 64 MiB ones.)
 * Per sample: flip f = bit of mix(seed, epoch, key) (p = 1/2); eps ~ N(0, I) from a torch
-  generator seeded with the same mix; z = mean_f + std_f * eps, times the card's scaling factor.
-  **The reader applies the scaling factor**; the trainer must not apply it again.
+  generator seeded with the same mix; z = mean_f + std_f * eps, then the latent transform
+  (`latents.autoencoder.LatentTransform`: the card's, e.g. times the SD scaling factor, unless
+  another is given, e.g. the dataset-statistics one). **The reader applies the transform**; the
+  trainer must not apply it again. Batches hold model-space latents (the transform's shape).
 * Bad shards: ``bad_shard="fail"`` (default) raises `ShardError`; ``"skip"`` replaces each sample
   that cannot be read by a readable sample of the same window (the next one after it, cyclically;
   so that sample appears twice in the epoch), records (key, reason), and keeps every batch full:
@@ -34,6 +36,7 @@ import torch
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from latents.autoencoder import LatentNorm, LatentTransform
 from latents.dataset import LatentIndex
 from latents.format import (
     STORED_POSTERIOR,
@@ -99,6 +102,8 @@ class LatentDataset(IterableDataset):
         io_threads: concurrent range requests per worker.
         chunk_bytes: largest single range request (a window is read as several, io_threads at a time).
         retries: attempts per request on transient storage errors.
+        transform: stored -> model-space map (`LatentTransform`), or a `LatentNorm` (the card's own
+            transform, or the one from its per-channel statistics); None: the card's own.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class LatentDataset(IterableDataset):
         chunk_bytes: int = 32 << 20,
         retries: int = 5,
         storage_options: dict | None = None,
+        transform: LatentTransform | LatentNorm | None = None,
     ):
         super().__init__()
         if bad_shard not in BAD_SHARD_POLICIES:
@@ -130,6 +136,9 @@ class LatentDataset(IterableDataset):
         self.index = LatentIndex.open(url, storage_options, attempts=retries)
         self.card = self.index.card
         self.spec = self.card.spec
+        norm = transform if isinstance(transform, LatentNorm) else LatentNorm.VAE
+        self.transform = transform if isinstance(transform, LatentTransform) else self.card.model_transform(norm)
+        self.model_shape = self.transform.model_shape(self.spec.latent_shape)  # (C, H, W) of the batches
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle, self.random_flip, self.sample_posterior = shuffle, random_flip, sample_posterior
         self.bad_shard, self.io_threads, self.chunk_bytes, self.retries = bad_shard, io_threads, chunk_bytes, retries
@@ -322,9 +331,8 @@ class LatentDataset(IterableDataset):
                 generator.manual_seed(s)
                 torch.randn(spec.latent_shape, generator=generator, out=eps[i])
             out.addcmul_(stored_t[:, 1].float(), eps)
-        out.mul_(self.card.scaling_factor)
         return {
-            "latents": out,
+            "latents": self.transform.to_model(out, inplace=True),
             "labels": torch.from_numpy(self._labels[rows]),
             "flips": torch.from_numpy(flips),
             "keys": self._keys.take(rows).to_pylist(),

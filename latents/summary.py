@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 
+from latents.autoencoder import LatentTransform, describe_identity
 from latents.dataset import LatentIndex, read_rejects
 from latents.format import CARD_NAME, MANIFEST_NAME, SAMPLES_NAME
 from latents.words import plural
@@ -50,7 +51,10 @@ def format_summary(s: dict) -> str:
         f"  format        {card['format']} v{card['format_version']}, written by {card['tool_version']}",
         f"  latents       {card['stored']} {card['storage_dtype']} {tuple(card['latent_shape'])} "
         f"from {card['resolution']} px images, flips {'stored' if card['flips'] else 'not stored'}",
-        f"  vae           {card['vae']} (scaling factor {card['scaling_factor']}, applied by the reader)",
+        f"  autoencoder   {card['vae']}: {describe_identity(card['autoencoder'])}, "
+        f"{'posterior mean+std' if card['stored'] == 'posterior' else card['stored']} stored",
+        f"  transform     {LatentTransform.from_dict(card['transform']).describe()} (applied by the reader), "
+        f"model latents {tuple(LatentTransform.from_dict(card['transform']).model_shape(card['latent_shape']))}",
         f"  samples       {s['samples']:,} in {plural(s['shards'], 'shard')} "
         f"({s['samples_per_shard']['min']:,}-{s['samples_per_shard']['max']:,} per shard)",
         f"  classes       {s['classes_present']:,} of {card['num_classes']:,} present; per class "

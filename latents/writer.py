@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from latents.autoencoder import LatentTransform
 from latents.format import (
     CARD_NAME,
     DEFAULT_SHARD_BYTES,
@@ -214,8 +215,10 @@ def finalize(
     spec: LatentSpec,
     resolution: int,
     vae: str,
-    scaling_factor: float,
     num_classes: int,
+    autoencoder: dict | None = None,
+    transform: LatentTransform | None = None,
+    scaling_factor: float | None = None,
     source_fingerprint: str = "",
     extra: dict | None = None,
 ) -> DatasetCard:
@@ -223,7 +226,13 @@ def finalize(
 
     The finalizer owns the whole dataset: it first sweeps every leftover temporary (of shards
     and index files) that killed writers left, so the finished dataset verifies clean.
+    ``autoencoder`` is `latents.autoencoder.Autoencoder.identity` (its class and config hash are
+    kept) and ``transform`` its own transform; ``scaling_factor`` alone is short for an SD-like
+    ``LatentTransform(scale=scaling_factor)`` (test datasets).
     """
+    if transform is None:
+        transform = LatentTransform(scale=1.0 if scaling_factor is None else scaling_factor)
+    identity = {k: str((autoencoder or {}).get(k, "")) for k in ("class", "config_sha256")}
     root = Root(root) if isinstance(root, str) else root
     shards = sorted(shards, key=lambda s: s.index)
     indices = [s.index for s in shards]
@@ -275,13 +284,14 @@ def finalize(
         stored=spec.stored,
         flips=spec.flips,
         vae=vae,
-        scaling_factor=float(scaling_factor),
+        autoencoder=identity,
+        transform=transform.to_dict(),
         num_classes=int(num_classes),
         num_samples=len(keys),
         num_shards=len(shards),
         total_bytes=int(sum(s.num_bytes for s in shards)),
-        channel_mean=[round(float(v), 6) for v in mean],
-        channel_std=[round(float(v), 6) for v in np.sqrt(np.maximum(var, 0))],
+        channel_mean=[float(v) for v in mean],
+        channel_std=[float(v) for v in np.sqrt(np.maximum(var, 0))],
         source_fingerprint=source_fingerprint,
         tool_version=tool_version(),
         extra=extra or {},
@@ -316,8 +326,10 @@ class DatasetWriter:
         *,
         resolution: int,
         vae: str,
-        scaling_factor: float,
         num_classes: int,
+        scaling_factor: float | None = None,
+        autoencoder: dict | None = None,
+        transform: LatentTransform | None = None,
         source_fingerprint: str = "",
         samples_per_shard: int | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -331,6 +343,8 @@ class DatasetWriter:
             "resolution": resolution,
             "vae": vae,
             "scaling_factor": scaling_factor,
+            "autoencoder": autoencoder,
+            "transform": transform,
             "num_classes": num_classes,
             "source_fingerprint": source_fingerprint,
             "extra": extra,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from latents.argtypes import Lazy, fraction, nonnegative_float, positive_float, positive_int, resolution, show_progress
-from pipeline.vae import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
+from latents.autoencoder import DEFAULT_VAE, VAE_CHOICES, VAE_DTYPES
 
 
 def _stored_choices() -> list[str]:
@@ -66,7 +66,7 @@ def encode_command(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "encode",
-        help="encode images (folders, parquet, webdataset tars) into a latent dataset with the SD VAE on Ray",
+        help="encode images (folders, parquet, webdataset tars) into a latent dataset with an autoencoder on Ray",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--vae",
         default=DEFAULT_VAE,
-        help=f"VAE directory (save_pretrained) or locally cached hub id; {' or '.join(VAE_CHOICES)} "
+        help=f"autoencoder directory (save_pretrained) or locally cached hub id: AutoencoderKL (SD, SDXL, SD3, "
+        f"FLUX.1), AutoencoderKLFlux2, AutoencoderDC or AutoencoderRAE, by its config; {' or '.join(VAE_CHOICES)} "
         "(default: %(default)s). Nothing is downloaded.",
     )
     g.add_argument(
@@ -92,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stored",
         choices=Lazy(_stored_choices),
         default=None,
-        help="store the posterior mean+std (posterior, the default) or one sampled latent (sample)",
+        help="Gaussian posteriors (AutoencoderKL, FLUX.2): store the mean+std (default) or one sampled latent; "
+        "deterministic autoencoders (DC-AE, RAE) always store their latent",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed for --stored sample (default: %(default)s)")
     g.add_argument(

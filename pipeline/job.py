@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latents.artifacts import ENCODE_RUN_FILE, Kind, require_not_artifact, require_output
+from latents.autoencoder import DEFAULT_VAE, load_autoencoder, vae_dtype
 from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, DatasetCard
 from latents.storage import Root
 from latents.threads import set_torch_threads
@@ -43,7 +44,6 @@ from pipeline.encode import latent_spec
 from pipeline.preprocess import ImageRejected, preprocess
 from pipeline.ray_jobs import NO_RESTARTS, connect, ray_log_file, worker_env
 from pipeline.sources import UNKNOWN_LABEL, ImageReader, Source, SourceFormat, SourceItem, list_source, select
-from pipeline.vae import DEFAULT_VAE, load_vae, scaling_factor, vae_dtype
 
 RUN_NAME = ENCODE_RUN_FILE  # named in latents.artifacts, which tells the kinds of output apart
 
@@ -63,9 +63,9 @@ class EncodeConfig:
     source: str  # source URL (folder, parquet shards or webdataset tars)
     dest: str  # dataset root URL
     resolution: int = 256  # image side: 256 or 512
-    vae: str = DEFAULT_VAE  # local directory or cached hub id
+    vae: str = DEFAULT_VAE  # autoencoder: local directory or cached hub id (its config's _class_name picks the family)
     dtype: str = "fp32"  # VAE compute dtype: fp32 or bf16
-    stored: str = "posterior"  # "posterior" (mean + std) or "sample"
+    stored: str | None = None  # "posterior" (mean + std) or "sample"; None: posterior, or "latent" if deterministic
     source_format: SourceFormat = SourceFormat.AUTO
     class_list: str | None = None  # file of class names (wnids), one per line, in label order
     labels: str | None = None  # labels file of a validation folder
@@ -198,7 +198,9 @@ def plan_chunks(shard: list[SourceItem], micro_batch: int) -> list[list[SourceIt
     return [shard[i : i + micro_batch] for i in range(0, len(shard), micro_batch)]
 
 
-def run_description(cfg: EncodeConfig, source: Source, spec, samples_per_shard: int, num_items: int) -> dict:
+def run_description(
+    cfg: EncodeConfig, source: Source, spec, samples_per_shard: int, num_items: int, identity: dict
+) -> dict:
     """What makes two runs the same run (and their shards interchangeable)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -206,6 +208,7 @@ def run_description(cfg: EncodeConfig, source: Source, spec, samples_per_shard: 
         "source_images": num_items,
         "resolution": cfg.resolution,
         "vae": cfg.vae,
+        "autoencoder": identity,
         "dtype": cfg.dtype,
         "spec": {"latent_shape": list(spec.latent_shape), "stored": spec.stored, "flips": spec.flips},
         "samples_per_shard": samples_per_shard,
@@ -251,16 +254,18 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     if not items:
         raise EncodeError(f"{cfg.source}: no images selected (--classes {cfg.classes}, --limit {cfg.limit})")
     source = Source(source.url, source.format, items, source.num_classes, source.class_names)
-    vae = load_vae(cfg.vae)  # on the driver: a missing VAE fails before any work
+    ae = load_autoencoder(cfg.vae)  # on the driver: a missing or unsupported autoencoder fails before any work
     try:
-        spec, scale = latent_spec(vae, cfg.resolution, cfg.stored), scaling_factor(vae)
+        spec = latent_spec(ae, cfg.resolution, cfg.stored)
     except ValueError as err:
-        raise EncodeError(f"--resolution {cfg.resolution} with VAE {cfg.vae}: {err}") from None
-    del vae
+        raise EncodeError(f"--resolution {cfg.resolution} / --stored with VAE {cfg.vae}: {err}") from None
+    identity, transform = ae.identity, ae.own_transform()
+    del ae
     per_shard = cfg.shard_size or spec.samples_per_shard()
     plan = plan_shards(items, per_shard)
     root = Root(cfg.dest)
-    run = run_description(cfg, source, spec, per_shard, len(items))
+    recorded = {k: identity[k] for k in ("class", "config_sha256")}
+    run = run_description(cfg, source, spec, per_shard, len(items), recorded)
     if check_destination(root, run):
         card = DatasetCard.from_json(root.read_bytes(CARD_NAME).decode(), root.url_of(CARD_NAME))
         counts = card.extra.get("counts", {})
@@ -322,8 +327,8 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
         "source_format": source.format.value,
     }
     card = finalize(
-        root, list(shards.values()), spec=spec, resolution=cfg.resolution, vae=cfg.vae, scaling_factor=scale,
-        num_classes=source.num_classes, source_fingerprint=source.fingerprint, extra=extra,
+        root, list(shards.values()), spec=spec, resolution=cfg.resolution, vae=cfg.vae, autoencoder=identity,
+        transform=transform, num_classes=source.num_classes, source_fingerprint=source.fingerprint, extra=extra,
     )  # fmt: skip
     return EncodeSummary(
         root.url, len(items), encoded, len(rejects), card.num_shards, adopted, encoded - adopted_samples,

@@ -8,8 +8,14 @@ Two kinds of checkpoint, any fsspec URL:
   classes, latent size); the head count is not in the weights: it comes from ``--model NAME``
   (a preset, checked against the weights) or ``--num-heads``.
 
-The model must fit the VAE: its latent channels equal the VAE's latent channels, and its latent
-side equals image size / the VAE's downsampling factor. A mismatch is refused naming both values.
+The export is the one record of the autoencoder a model was trained on (class, config hash) and
+of the latent transform it was trained in (`latents.autoencoder.LatentTransform`): `sit sample`
+decodes with exactly that transform, and refuses a ``--vae`` of another identity, naming both
+(``--allow-vae-mismatch`` decodes anyway). Exports written before the transform was recorded hold
+the SD scaling factor; released .pt files assume the SD VAE: the ``--vae``'s own transform.
+
+The model must fit the autoencoder: its latent shape equals the transform's model shape of the
+autoencoder's latents at the image size. A mismatch is refused naming both shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import json
 import fsspec
 import torch
 
+from latents.autoencoder import (
+    Autoencoder,
+    AutoencoderMismatchError,
+    LatentNorm,
+    LatentTransform,
+    check_identity,
+)
 from trainer.checkpoint_import import load_error, load_released, read_released_state_dict
 from trainer.export import EXPORT_FORMAT, looks_like_safetensors, read_export
 from trainer.model import SiT, SiTConfig, sit_config
@@ -82,9 +95,9 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int) -> SiTConfig:
 def load_checkpoint(
     url: str, model_name: str | None = None, num_heads: int | None = None
 ) -> tuple[SiT, str, dict | None]:
-    """(model in eval mode on CPU, sha256 of the file, training transport) of a checkpoint.
+    """(model in eval mode on CPU, sha256 of the file, the export's ``extra``) of a checkpoint.
 
-    The training transport is an export's ``extra["transport"]`` (None for released files).
+    ``extra`` holds the training transport and the autoencoder record (None for released files).
     """
     data = read_bytes(url)
     digest = hashlib.sha256(data).hexdigest()
@@ -94,7 +107,7 @@ def load_checkpoint(
             _check_preset(url, model_name, config)
         model = SiT(config)
         model.load_state_dict(state, strict=True)
-        return model.eval(), digest, extra.get("transport")
+        return model.eval(), digest, extra
     try:
         state = read_released_state_dict(io.BytesIO(data))
     except Exception as err:  # torch.load's errors for a non-checkpoint vary by version
@@ -128,24 +141,42 @@ def _check_preset(url: str, name: str, config: SiTConfig) -> None:
             raise CheckpointError(f"{url}: --model {name} has {field} {want}, the checkpoint {got}")
 
 
-def vae_downsampling(vae) -> int:
-    """Pixels per latent side of a diffusers AutoencoderKL (8 for the SD VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def decode_transform(extra: dict | None, ae: Autoencoder, url: str, allow_mismatch: bool = False) -> LatentTransform:
+    """The model -> decode transform for ``ae`` as the checkpoint records it; refuses another autoencoder."""
+    if extra is None:  # a released SiT/DiT .pt: trained on the SD VAE, decoded with --vae's own scale
+        return ae.own_transform()
+    recorded = extra.get("autoencoder")
+    if "latent_transform" not in extra:  # an export written before the autoencoder was recorded: SD VAE latents
+        if "scaling_factor" not in extra:
+            return ae.own_transform()
+        return LatentTransform(scale=float(extra["scaling_factor"]))
+    transform = LatentTransform.from_dict(extra["latent_transform"])
+    if not allow_mismatch:
+        check_identity(recorded, ae, url)
+        own = ae.own_transform()
+        if transform.norm == LatentNorm.VAE.value and transform != own:  # same config, other weights (FLUX.2 BN)
+            raise AutoencoderMismatchError(
+                f"--vae {ae.name}'s own latent transform ({own.describe()}) differs from the one {url} was trained "
+                f"in ({transform.describe()}): pass the autoencoder it names (or --allow-vae-mismatch)"
+            )
+    return transform
 
 
-def check_fits_vae(model: SiT, vae, image_size: int | None, url: str, vae_name: str) -> int:
-    """The image size to sample at; `CheckpointError` when the model does not fit the VAE."""
+def check_fits_autoencoder(
+    model: SiT, ae: Autoencoder, transform: LatentTransform, image_size: int | None, url: str
+) -> int:
+    """The image size to sample at; `CheckpointError` naming both shapes when the model does not fit."""
     c = model.config
-    factor = vae_downsampling(vae)
-    if c.in_channels != vae.config.latent_channels:
+    pixels = ae.downsampling * transform.patch  # image pixels per model-latent side
+    size = c.input_size * pixels if image_size is None else image_size
+    try:
+        want = transform.model_shape(ae.latent_shape(size))
+    except ValueError as err:
+        raise CheckpointError(f"{url}: with the VAE {ae.name}: {err}") from None
+    have = (c.in_channels, c.input_size, c.input_size)
+    if have != want:
         raise CheckpointError(
-            f"{url}: the model has {c.in_channels} latent channels, the VAE {vae_name} {vae.config.latent_channels}"
+            f"{url}: the model's latent shape (C, H, W) is {have}, the VAE {ae.name} ({ae.family.value}) gives "
+            f"{want} at {size} px" + ("" if image_size is None else " (--image-size)")
         )
-    if image_size is None:
-        return c.input_size * factor
-    if image_size % factor or image_size // factor != c.input_size:
-        raise CheckpointError(
-            f"{url}: the model's latent side is {c.input_size} ({c.input_size * factor} px with the VAE "
-            f"{vae_name}, x{factor}), but --image-size is {image_size}"
-        )
-    return image_size
+    return size

@@ -65,6 +65,7 @@ def sample_command(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         vae=args.vae,
         vae_dtype=args.vae_dtype,
+        allow_vae_mismatch=args.allow_vae_mismatch,
         model_name=args.model,
         num_heads=args.num_heads,
         image_size=args.image_size,
@@ -238,7 +239,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT", help="EMA export (.safetensors) or released SiT/DiT .pt (any URL)")
     p.add_argument("out", metavar="OUT", help="output root (path, s3://, gs://); with --grid, a PNG file")
-    p.add_argument("--vae", required=True, help="VAE directory (save_pretrained) or a locally cached hub id")
+    p.add_argument(
+        "--vae",
+        required=True,
+        help="autoencoder directory (save_pretrained) or a locally cached hub id: the one the export records "
+        "(class and config are checked; released .pt files assume the SD VAE)",
+    )
+    p.add_argument(
+        "--allow-vae-mismatch",
+        action="store_true",
+        help="decode with a --vae other than the export records (its transform is still the export's)",
+    )
     p.add_argument("--vae-dtype", default="fp32", help="VAE decoding precision: fp32 or bf16 (default: %(default)s)")
     add_checkpoint_arguments(p)
     g = p.add_argument_group("samples")

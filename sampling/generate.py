@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.vae import load_vae, scaling_factor, vae_dtype
-from sampling.checkpoint import check_fits_vae, load_checkpoint
-from sampling.grid import decode_to_uint8
+from latents.autoencoder import load_autoencoder, vae_dtype
+from sampling.checkpoint import check_fits_autoencoder, decode_transform, load_checkpoint
 from sampling.options import SamplerOptions, SamplingUsageError, run_sampler
 from sampling.plan import ClassPolicy, SamplePlan
 
@@ -38,7 +37,7 @@ class Generated:
 
     images: np.ndarray  # uint8 (n, H, W, 3)
     labels: np.ndarray  # int64 (n,)
-    latents: np.ndarray  # float32 (n, C, h, w), scaled (the model's units)
+    latents: np.ndarray  # float32 (n, C, h, w) in model space (the transform the export records)
     nfe: int  # model calls per batch, summed over batches
 
 
@@ -47,25 +46,29 @@ class ModelSource:
     """Where the model and the VAE come from, and how to run them (picklable: sent to Ray actors)."""
 
     checkpoint: str  # fsspec URL of an export or a released .pt
-    vae: str  # VAE directory or cached hub id
+    vae: str  # autoencoder directory or cached hub id; must be the one the export records
     vae_dtype: str = "fp32"  # fp32 | bf16 for decoding
+    allow_vae_mismatch: bool = False  # decode with another autoencoder than the export records
     model_name: str | None = None  # preset of a released .pt
     num_heads: int | None = None  # heads of a released .pt without a preset
     image_size: int | None = None  # checked against the model; None: the model's own
 
 
 class Generator:
-    """A model and a VAE loaded once, on one device."""
+    """A model and an autoencoder loaded once, on one device; decoding uses the export's transform."""
 
     def __init__(self, source: ModelSource, device: str = "cpu"):
         self.device = torch.device(device)
-        self.model, self.checkpoint_sha256, self.training_transport = load_checkpoint(
+        self.model, self.checkpoint_sha256, extra = load_checkpoint(
             source.checkpoint, source.model_name, source.num_heads
         )
-        self.vae = load_vae(source.vae, vae_dtype(source.vae_dtype), self.device)
-        self.image_size = check_fits_vae(self.model, self.vae, source.image_size, source.checkpoint, source.vae)
+        self.training_transport = extra.get("transport") if extra else None
+        self.autoencoder = load_autoencoder(source.vae, vae_dtype(source.vae_dtype), self.device)
+        self.transform = decode_transform(extra, self.autoencoder, source.checkpoint, source.allow_vae_mismatch)
+        self.image_size = check_fits_autoencoder(
+            self.model, self.autoencoder, self.transform, source.image_size, source.checkpoint
+        )
         self.model.to(self.device)
-        self.scale = scaling_factor(self.vae)
         c = self.model.config
         self.latent_shape = (c.in_channels, c.input_size, c.input_size)
 
@@ -92,7 +95,8 @@ class Generator:
             if bool(bad.any()):
                 which = [batch[j] for j in bad.nonzero().flatten().tolist()]
                 raise NonFiniteSamplesError(f"NaN/Inf latents in samples {which[:10]} ({len(which)} of {len(batch)})")
-            images.extend(decode_to_uint8(self.vae, out.x[j : j + 1], self.scale) for j in range(len(batch)))
+            ae, transform = self.autoencoder, self.transform
+            images.extend(ae.decode_to_uint8(out.x[j : j + 1], transform) for j in range(len(batch)))
             labels.append(y.cpu().numpy())
             latents.append(out.x.float().cpu().numpy())
             nfe += out.nfe
@@ -113,7 +117,7 @@ def sample_grid(
     Row r holds samples r * per_class ... of a "list" plan, so a grid image equals the bulk job's
     image for the same seed, index and class list.
     """
-    from sampling.grid import image_grid
+    from latents.pictures import image_grid
 
     gen = Generator(source, device)
     labels = tuple(c for c in classes for _ in range(per_class))

@@ -103,3 +103,77 @@ def save_tiny_vae(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+# ---- one tiny random autoencoder per family (latents.autoencoder), all for 64 px images ---------------
+
+FAMILY_SHAPES = {  # family -> (stored (C, H, W) at 64 px, model-space (C, H, W))
+    "sd": ((4, 8, 8), (4, 8, 8)),
+    "flux1": ((16, 8, 8), (16, 8, 8)),
+    "flux2": ((8, 8, 8), (32, 4, 4)),
+    "dcae": ((8, 8, 8), (8, 8, 8)),
+    "rae": ((64, 4, 4), (64, 4, 4)),
+}
+
+
+def save_tiny_autoencoder(family: str, path: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised autoencoder of ``family`` (see FAMILY_SHAPES), saved with save_pretrained.
+
+    flux1: AutoencoderKL with FLUX.1's scaling and shift factors and no quant convs; flux2: its
+    batch-norm statistics set to random non-trivial values; dcae: deterministic, f8; rae: a one-layer
+    DINOv2 encoder (32 px input, 8 px patches: a 4 x 4 grid) and a 16 px-patch decoder (64 px out),
+    with per-channel latents_mean/std.
+    """
+    import diffusers
+
+    torch.manual_seed(seed)
+    kl = {
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (8, 8, 16, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+    }
+    if family == "sd":
+        return save_tiny_vae(path, seed)
+    if family == "flux1":
+        model = diffusers.AutoencoderKL(
+            **kl, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+            use_post_quant_conv=False,
+        )  # fmt: skip
+    elif family == "flux2":
+        model = diffusers.AutoencoderKLFlux2(**kl, latent_channels=8)
+        with torch.no_grad():
+            model.bn.running_mean.copy_(0.3 * torch.randn(32))
+            model.bn.running_var.copy_(torch.rand(32) + 0.5)
+    elif family == "dcae":
+        model = diffusers.AutoencoderDC(
+            in_channels=3, latent_channels=8, attention_head_dim=8,
+            encoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
+            encoder_layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+            encoder_qkv_multiscales=((), (), (), (5,)), decoder_qkv_multiscales=((), (), (), (5,)),
+            scaling_factor=0.41407,
+        )  # fmt: skip
+    elif family == "rae":
+        g = torch.Generator().manual_seed(seed)
+        model = diffusers.AutoencoderRAE(
+            encoder_type="dinov2", encoder_hidden_size=64, encoder_patch_size=8, encoder_num_hidden_layers=1,
+            decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+            decoder_intermediate_size=64, patch_size=16, encoder_input_size=32,
+            latents_mean=(0.2 * torch.randn(64, 1, 1, generator=g)).tolist(),
+            latents_std=(torch.rand(64, 1, 1, generator=g) + 0.5).tolist(),
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILY_SHAPES)}")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoders(tmp_path_factory) -> dict[str, Path]:
+    """family -> directory of its tiny autoencoder (the sd one is tiny_vae_dir's twin)."""
+    root = tmp_path_factory.mktemp("autoencoders")
+    return {family: save_tiny_autoencoder(family, root / family) for family in FAMILY_SHAPES}

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latents.autoencoder import LatentNorm
 from latents.reader import DEFAULT_WINDOW_BYTES
 from trainer.model import LABEL_DROPOUT, NUM_CLASSES, SIT_MODELS, SiTConfig, sit_config
 from trainer.transport import LossWeight, PathType, Prediction, Transport, parse_choice
@@ -37,8 +38,8 @@ class ModelConfig:
     hidden_size: int = 0  # token width (custom models only)
     num_heads: int = 0  # attention heads (custom models only)
     patch_size: int = 0  # latent patch side (custom models only)
-    input_size: int = 32  # latent side: 32 at 256 px, 64 at 512 px; must match the dataset
-    in_channels: int = 4  # latent channels; must match the dataset
+    input_size: int = 32  # model-latent side: 32 at 256 px with the SD VAE (16 RAE/FLUX.2); 0 = the dataset's
+    in_channels: int = 4  # model-latent channels (4 SD, 16 SD3/FLUX.1, 128 FLUX.2, 768 RAE-B); 0 = the dataset's
     num_classes: int = NUM_CLASSES  # classes; must match the dataset (the null class is index num_classes)
     class_dropout_prob: float = LABEL_DROPOUT  # label dropout probability (for classifier-free guidance)
     learn_sigma: bool = True  # 2x output channels like the released checkpoints (second half unused)
@@ -72,6 +73,14 @@ class DataConfig:
     streams: int = 0  # logical streams fixing the epoch order (0: world x workers); resume on world sizes dividing it
     shuffle_buffer_bytes: int = DEFAULT_WINDOW_BYTES  # shuffle window per stream, in compressed bytes
     bad_shard: str = "fail"  # an unreadable shard: "fail" stops training, "skip" drops its samples
+    latent_norm: str = "vae"  # "vae": the autoencoder's own transform; "dataset": per-channel mean/std of the card
+
+    def norm(self) -> LatentNorm:
+        try:
+            return LatentNorm(self.latent_norm)
+        except ValueError:
+            valid = ", ".join(n.value for n in LatentNorm)
+            raise ConfigError(f"data.latent_norm {self.latent_norm!r}; valid: {valid}") from None
 
 
 @dataclass
@@ -175,6 +184,7 @@ class TrainConfig:
             raise ConfigError(f"parallel.backend {self.parallel.backend!r}; valid: auto, nccl, gloo")
         if self.data.bad_shard not in ("fail", "skip"):
             raise ConfigError(f"data.bad_shard {self.data.bad_shard!r}; valid: fail, skip")
+        self.data.norm()
         for name, value in (
             ("total_steps", self.total_steps),
             ("data.global_batch_size", self.data.global_batch_size),
@@ -210,9 +220,10 @@ def _tiny_cpu() -> TrainConfig:
     return c
 
 
-def _preset(name: str, input_size: int) -> TrainConfig:
-    c = TrainConfig(run_dir=f"runs/{name.replace('/', '').lower()}-{input_size * 8}")
-    c.model = ModelConfig(name=name, input_size=input_size)
+def _preset(name: str, input_size: int, in_channels: int = 4, pixels: int = 8, tag: str = "") -> TrainConfig:
+    """``pixels``: image pixels per model-latent side (8 for the SD VAE, 16 for RAE and FLUX.2)."""
+    c = TrainConfig(run_dir=f"runs/{name.replace('/', '').lower()}{tag}-{input_size * pixels}")
+    c.model = ModelConfig(name=name, input_size=input_size, in_channels=in_channels)
     return c
 
 
@@ -220,6 +231,12 @@ PRESETS = {
     "sit-xl2-256": lambda: _preset("SiT-XL/2", 32),
     "sit-xl2-512": lambda: _preset("SiT-XL/2", 64),
     "sit-b2-256": lambda: _preset("SiT-B/2", 32),
+    # RAE (DINOv2-B/14 at 224, decoder patch 16): 768 x 16 x 16 latents at 256 px, one token per latent pixel
+    "sit-xl1-rae-256": lambda: _preset("SiT-XL/1", 16, 768, 16, "-rae"),
+    # 32-channel f16 latents (e.g. DC-AE f32c32 at 512 px, or any f16c32 autoencoder at 256 px)
+    "sit-xl1-f16c32-256": lambda: _preset("SiT-XL/1", 16, 32, 16, "-f16c32"),
+    # FLUX.2: 32 ch at /8, patchified 2x2 by its transform -> 128 x 16 x 16 at 256 px
+    "sit-xl1-flux2-256": lambda: _preset("SiT-XL/1", 16, 128, 16, "-flux2"),
     "tiny-cpu": _tiny_cpu,
 }
 

@@ -40,7 +40,7 @@ class SiTConfig:
 
 # (depth, hidden, heads) per size, DESIGN.md section 2.
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-SIT_MODELS = [f"SiT-{s}/{p}" for s in _SIZES for p in (2, 4, 8)]
+SIT_MODELS = [f"SiT-{s}/{p}" for s in _SIZES for p in (1, 2, 4, 8)]  # /1: one token per latent (RAE, FLUX.2)
 
 
 def sit_config(name: str, **overrides) -> SiTConfig:

@@ -13,6 +13,7 @@ every generator; a resumed run continues bitwise identically on CPU. Exit codes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from latents.autoencoder import LatentTransform
 from latents.reader import LatentDataset, LatentLoader
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import ConfigError, TrainConfig
@@ -67,18 +69,24 @@ class TrainResult:
     export: str | None  # the consolidated EMA export, if written
 
 
-def check_dataset(url: str, card, model: SiTConfig) -> None:
-    """Refuse a dataset whose latent shape or class count differs from the model's."""
+def check_dataset(url: str, card, model: SiTConfig, transform: LatentTransform | None = None) -> None:
+    """Refuse a dataset whose model-space latent shape or class count differs from the model's."""
     want = [model.in_channels, model.input_size, model.input_size]
+    have = list((transform or card.latent_transform).model_shape(card.latent_shape))
     problems = []
-    if list(card.latent_shape) != want:
-        problems.append(f"latent shape (C, H, W) {list(card.latent_shape)} in the dataset, {want} in the model")
+    if have != want:
+        stored = (
+            f" (stored {list(card.latent_shape)}, {card.autoencoder['class'] or 'autoencoder'})"
+            if have != list(card.latent_shape)
+            else ""
+        )
+        problems.append(f"latent shape (C, H, W) {have} in the dataset{stored}, {want} in the model")
     if card.num_classes != model.num_classes:
         problems.append(f"num_classes {card.num_classes} in the dataset, {model.num_classes} in the model")
     if problems:
         raise DatasetMismatchError(
             f"{url}: dataset does not match the model: {'; '.join(problems)} "
-            "(set model.input_size / model.in_channels / model.num_classes)"
+            "(set model.input_size / model.in_channels, 0 for the dataset's, / model.num_classes)"
         )
 
 
@@ -118,8 +126,15 @@ class Trainer:
             streams=c.data.streams or None,
             shuffle_buffer_bytes=c.data.shuffle_buffer_bytes,
             bad_shard=c.data.bad_shard,
+            transform=c.data.norm(),
         )
-        check_dataset(c.data.url, self.dataset.card, self.model_config)
+        self.transform = self.dataset.transform
+        if not (c.model.in_channels and c.model.input_size):  # 0: the dataset's model-space shape
+            channels, side, _ = self.dataset.model_shape
+            self.model_config = dataclasses.replace(
+                self.model_config, in_channels=c.model.in_channels or channels, input_size=c.model.input_size or side
+            )
+        check_dataset(c.data.url, self.dataset.card, self.model_config, self.transform)
         self.loader = LatentLoader(self.dataset, num_workers=c.data.num_workers, pin_memory=world.device.type == "cuda")
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -149,6 +164,7 @@ class Trainer:
         self.images_seen = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.preview_autoencoder = None  # loaded by the first preview grid (log.vae), then kept
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -379,7 +395,10 @@ def export_ema(trainer: Trainer, url: str) -> None:
             "images_seen": trainer.images_seen,
             "dataset": trainer.config.data.url,
             "vae": card.vae,
-            "scaling_factor": card.scaling_factor,
+            # the one record of the autoencoder and transform `sit sample` decodes with
+            "autoencoder": {**card.autoencoder, "name": card.vae},
+            "latent_transform": trainer.transform.to_dict(),
+            "stored_latent_shape": list(card.latent_shape),
             "resolution": card.resolution,
             "transport": trainer.config.to_dict()["transport"],
         }

@@ -49,10 +49,10 @@ def save_sd_vae(path: Path) -> Path:
 
 def bare_vae_rate(vae_dir: Path, resolution: int, batch: int, dtype: str, device: str, threads: int) -> float:
     """Source images/s of vae.encode on (image, mirror) batches: the ceiling for the job."""
-    from pipeline.vae import load_vae, vae_dtype
+    from latents.autoencoder import load_autoencoder, vae_dtype
 
     torch.set_num_threads(threads)
-    vae = load_vae(str(vae_dir), vae_dtype(dtype), device).to(memory_format=torch.channels_last)
+    vae = load_autoencoder(str(vae_dir), vae_dtype(dtype), device).module.to(memory_format=torch.channels_last)
     x = torch.rand(2 * batch, 3, resolution, resolution, device=device).to(vae_dtype(dtype)) * 2 - 1
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

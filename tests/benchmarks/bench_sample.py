@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.vae import load_vae, scaling_factor
+from latents.autoencoder import load_autoencoder
 from sampling.generate import ModelSource
-from sampling.grid import decode_to_uint8
 from sampling.guidance import classifier_free_guidance
 from sampling.job import SampleJob, run_sample_job
 from sampling.options import SamplerOptions
@@ -50,14 +49,14 @@ def released_images_per_s(model, vae, args) -> tuple[float, float]:
     """(images/s, wall seconds) of the released scheme on ``args.num_images`` images, batches of 4."""
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)
-    transport, scale, done = Transport(), scaling_factor(vae), 0
+    transport, transform, done = Transport(), vae.own_transform(), 0
     start = time.perf_counter()
     while done < args.num_images:
         y = torch.randint(0, 1000, (4,), generator=gen)
         z = torch.randn(4, 4, args.input_size, args.input_size, generator=gen)
         fn = classifier_free_guidance(model, y, args.cfg_scale, null_class=1000)
         x, _ = released_sde(fn, transport, z, num_steps=args.steps, generator=gen)
-        for image in decode_to_uint8(vae, x, scale):
+        for image in vae.decode_to_uint8(x, transform):
             Image.fromarray(image).save(io.BytesIO(), format="PNG")
         done += 4
     wall = time.perf_counter() - start
@@ -86,7 +85,7 @@ def main() -> None:
             p.add_(0.02 * torch.randn_like(p))
     save_export(str(tmp / "model.safetensors"), model.state_dict(), model.config)
     save_tiny_vae(tmp / "vae")
-    vae = load_vae(str(tmp / "vae"))
+    vae = load_autoencoder(str(tmp / "vae"))
     common = {
         "benchmark": "sit_sample_sde250_cfg",
         "model": args.model,

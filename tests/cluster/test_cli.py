@@ -9,7 +9,7 @@ from cluster.cli import build_parser, main
 def test_models_lists_every_preset(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "SiT-XL/2" in out and "674,834,720" in out and out.count("SiT-") == 12
+    assert "SiT-XL/2" in out and "674,834,720" in out and out.count("SiT-") == 16 and "SiT-XL/1" in out
 
 
 def test_selfcheck_passes_its_checks(capsys):

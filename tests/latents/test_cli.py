@@ -8,12 +8,12 @@ from latents.format import shard_name
 def test_inspect(dataset, capsys):
     assert main(["inspect", dataset]) == 0
     out = capsys.readouterr().out
-    assert "100 in 6 shards" in out and "test/tiny-vae (scaling factor 0.5, applied by the reader)" in out
+    assert "100 in 6 shards" in out and "z * 0.5 [vae] (applied by the reader)" in out
     assert "compression ratio" in out and "B/sample" in out
     assert main(["inspect", dataset, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 100 and sum(summary["class_histogram"]) == 100
-    assert len(summary["class_histogram"]) == 10 and summary["card"]["format_version"] == 1
+    assert len(summary["class_histogram"]) == 10 and summary["card"]["format_version"] == 2
 
 
 def test_inspect_incomplete(tmp_path, capsys):

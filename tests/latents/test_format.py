@@ -7,6 +7,7 @@ import zstandard
 from latents.format import (
     FORMAT_VERSION,
     DatasetCard,
+    DatasetError,
     LatentSpec,
     UnsupportedFormatError,
     check_key,
@@ -83,7 +84,8 @@ def card(**kw) -> DatasetCard:
         "stored": "posterior",
         "flips": True,
         "vae": "v",
-        "scaling_factor": 0.18215,
+        "autoencoder": {"class": "AutoencoderKL", "config_sha256": "ab"},
+        "transform": {"patch": 1, "shift": 0.0, "scale": 0.18215, "norm": "vae"},
         "num_classes": 1000,
         "num_samples": 1,
         "num_shards": 1,
@@ -97,12 +99,27 @@ def card(**kw) -> DatasetCard:
     return DatasetCard(**fields)
 
 
+def test_version_1_card_reads_as_sd_vae_latents():
+    data = json.loads(card().to_json())
+    del data["autoencoder"], data["transform"]
+    data.update(format_version=1, scaling_factor=0.18215)
+    old = DatasetCard.from_json(json.dumps(data))
+    assert old.format_version == 1 and old.autoencoder == {"class": "AutoencoderKL", "config_sha256": ""}
+    assert old.latent_transform.scale == 0.18215 and old.latent_transform.patch == 1
+    data["stored"] = "latent"  # version 1 had no deterministic latents
+    with pytest.raises(DatasetError, match="stored must be one of posterior, sample, not 'latent'"):
+        DatasetCard.from_json(json.dumps(data))
+    data["stored"], data["transform"] = "posterior", {}
+    with pytest.raises(DatasetError, match=r"unknown fields \['transform'\]"):
+        DatasetCard.from_json(json.dumps(data))
+
+
 def test_card_round_trip_and_version_checks():
     c = card()
     assert DatasetCard.from_json(c.to_json()) == c
     data = json.loads(c.to_json())
     data["format_version"] = FORMAT_VERSION + 1
-    with pytest.raises(UnsupportedFormatError, match="format version 2 is not supported"):
+    with pytest.raises(UnsupportedFormatError, match="format version 3 is not supported"):
         DatasetCard.from_json(json.dumps(data), "s3://b/card.json")
     data["format_version"], data["format"] = FORMAT_VERSION, "webdataset"
     with pytest.raises(UnsupportedFormatError, match=r"s3://b/card\.json"):

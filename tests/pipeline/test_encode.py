@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from latents.autoencoder import load_autoencoder
 from latents.format import STORED_SAMPLE
 from pipeline.encode import VaeEncoder, latent_spec, sample_noise
 from pipeline.preprocess import preprocess, to_model_input
-from pipeline.vae import load_vae
 from tests.pipeline.conftest import assert_fp16_close
 
 
@@ -20,8 +20,9 @@ def crops(images) -> np.ndarray:
 
 
 def test_stored_latents_equal_direct_encode(tiny_vae_dir, crops):
-    vae = load_vae(str(tiny_vae_dir))
-    spec = latent_spec(vae, 64)
+    ae = load_autoencoder(str(tiny_vae_dir))
+    vae = ae.module
+    spec = latent_spec(ae, 64)
     assert spec.latent_shape == (4, 8, 8) and spec.sample_shape == (2, 2, 4, 8, 8)
     keys = [f"k{i}" for i in range(len(crops))]
     stored = VaeEncoder(str(tiny_vae_dir), torch.float32, "cpu", spec)(crops, keys)  # (B, F, K, C, h, w)
@@ -36,8 +37,7 @@ def test_stored_latents_equal_direct_encode(tiny_vae_dir, crops):
 
 
 def test_sampled_latents_are_deterministic_per_key(tiny_vae_dir, crops):
-    vae = load_vae(str(tiny_vae_dir))
-    spec = latent_spec(vae, 64, STORED_SAMPLE)
+    spec = latent_spec(load_autoencoder(str(tiny_vae_dir)), 64, STORED_SAMPLE)
     encoder = VaeEncoder(str(tiny_vae_dir), torch.float32, "cpu", spec, seed=3)
     keys = [f"k{i}" for i in range(len(crops))]
     a = encoder(crops, keys)
@@ -55,9 +55,9 @@ def encoder_input(crops: np.ndarray) -> torch.Tensor:
 
 
 def test_bf16_is_close_and_fp16_refused(tiny_vae_dir, crops):
-    from pipeline.vae import vae_dtype
+    from latents.autoencoder import vae_dtype
 
-    spec = latent_spec(load_vae(str(tiny_vae_dir)), 64)
+    spec = latent_spec(load_autoencoder(str(tiny_vae_dir)), 64)
     keys = [f"k{i}" for i in range(len(crops))]
     fp32 = VaeEncoder(str(tiny_vae_dir), torch.float32, "cpu", spec)(crops, keys).astype(np.float32)
     bf16 = VaeEncoder(str(tiny_vae_dir), vae_dtype("bf16"), "cpu", spec)(crops, keys).astype(np.float32)

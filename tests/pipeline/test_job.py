@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from cluster.cli import main as sit
+from latents.autoencoder import load_autoencoder
 from latents.format import CARD_NAME, REJECTS_NAME
 from latents.verify import verify
 from pipeline.job import RUN_NAME, EncodeError, run_encode
 from pipeline.preprocess import preprocess, to_model_input
-from pipeline.vae import load_vae
 from tests.pipeline.conftest import RESOLUTION, assert_fp16_close, dataset_files, encode_config, read_latents
 
 
@@ -42,7 +42,7 @@ def test_folder_encode_verifies_with_exactly_the_broken_files_rejected(encoded_f
 
     stored = read_latents(url)
     assert set(stored) == {k for k, im in by_key.items() if not im.broken}
-    vae = load_vae(json.loads(Path(url, RUN_NAME).read_text())["vae"])
+    vae = load_autoencoder(json.loads(Path(url, RUN_NAME).read_text())["vae"]).module
     for key in sorted(stored)[::37]:  # spread over shards and modes
         label, array = stored[key]
         assert label == by_key[key].label
@@ -105,7 +105,7 @@ def test_a_foreign_dataset_is_refused(tmp_path, sources, tiny_vae_dir):
 
 
 def test_missing_vae_names_what_to_pass(sources, tmp_path):
-    from pipeline.vae import VaeNotFoundError
+    from latents.autoencoder import AutoencoderNotFoundError as VaeNotFoundError
 
     with pytest.raises(VaeNotFoundError, match="--vae"):
         run_encode(encode_config(sources["imagefolder"][0], str(tmp_path / "out"), tmp_path / "no-vae"))

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from cluster.cli import main
-from pipeline.vae import VaeNotFoundError, load_vae
-from sampling.checkpoint import CheckpointError, check_fits_vae, load_checkpoint
+from latents.autoencoder import AutoencoderNotFoundError, LatentTransform, load_autoencoder, to_uint8
+from latents.pictures import image_grid, latent_picture
+from sampling.checkpoint import CheckpointError, check_fits_autoencoder, load_checkpoint
 from sampling.generate import Generator, ModelSource, NonFiniteSamplesError, sample_grid
-from sampling.grid import decode_to_uint8, image_grid, latent_picture, to_uint8
 from sampling.options import Mode, SamplerOptions, run_sampler
 from sampling.output import RunMismatchError, chunk_bytes, claim_run, read_chunk
 from sampling.plan import ClassPolicy, SamplePlan, sample_seed
@@ -86,21 +86,22 @@ def test_released_checkpoint_needs_heads_and_checks_presets(reference_dir):
 def test_bad_inputs_are_refused_naming_them(tmp_path, tiny_export, tiny_vae_dir):
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*missing\.pt"):
         load_checkpoint(str(tmp_path / "missing.pt"))
-    with pytest.raises(VaeNotFoundError, match="no-vae"):
+    with pytest.raises(AutoencoderNotFoundError, match="no-vae"):
         Generator(ModelSource(tiny_export, str(tmp_path / "no-vae")))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk\.pt: neither a SiT export nor a torch checkpoint"):
         load_checkpoint(str(junk))
-    vae = load_vae(str(tiny_vae_dir))
+    ae = load_autoencoder(str(tiny_vae_dir))
     model, _, _ = load_checkpoint(tiny_export)
-    assert check_fits_vae(model, vae, None, "ckpt", "vae") == 64
-    with pytest.raises(CheckpointError, match=r"latent side is 8 \(64 px .*\), but --image-size is 256"):
-        check_fits_vae(model, vae, 256, "ckpt", "vae")
+    sd = LatentTransform(scale=0.18215)
+    assert check_fits_autoencoder(model, ae, sd, None, "ckpt") == 64
+    with pytest.raises(CheckpointError, match=r"shape \(C, H, W\) is \(4, 8, 8\), .* gives \(4, 32, 32\) at 256"):
+        check_fits_autoencoder(model, ae, sd, 256, "ckpt")
     eight = SiTConfig(**{**TINY.__dict__, "in_channels": 8})
     url = str(tmp_path / "eight.safetensors")
     save_export(url, SiT(eight).state_dict(), eight)
-    with pytest.raises(CheckpointError, match=r"eight\.safetensors: the model has 8 latent channels, the VAE .* 4"):
+    with pytest.raises(CheckpointError, match=r"eight\.safetensors: .* is \(8, 8, 8\), .* gives \(4, 8, 8\)"):
         Generator(ModelSource(url, str(tiny_vae_dir)))
 
 
@@ -137,8 +138,8 @@ def test_pictures_and_grids(tiny_vae_dir):
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
     # ADM / released sample.py rounding: clamp((x + 1) * 127.5 + 0.5, 0, 255), truncated
     assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
-    vae = load_vae(str(tiny_vae_dir))
-    images = decode_to_uint8(vae, torch.randn(6, 4, 8, 8), 0.18215)
+    ae = load_autoencoder(str(tiny_vae_dir))
+    images = ae.decode_to_uint8(torch.randn(6, 4, 8, 8), LatentTransform(scale=0.18215))
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
     grid = image_grid(images, 3, ["class 1", "class 2"])
     assert grid.size == (80 + 3 * 64, 2 * 64)

@@ -45,7 +45,7 @@ def test_file_then_overrides(tmp_path):
         ("total_steps=1.5", "total_steps: expected int"),
         ("transport.path_type=Curved", "valid: Linear, GVP, VP"),
         ("parallel.precision=fp16", "valid: bf16, fp32"),
-        ("model.name=SiT-M/3", "valid: custom, SiT-S/2"),
+        ("model.name=SiT-M/3", "valid: custom, SiT-S/1, SiT-S/2"),
         ("optim", "not KEY=VALUE"),
         ("optim=3", "is a section"),
     ],
@@ -88,3 +88,25 @@ def test_defaults_construct():
 def test_preview_classes_are_checked():
     with pytest.raises(ConfigError, match=r"log.sample_classes '3,12': need ids in \[0, 10\)"):
         resolve("tiny-cpu", None, ["log.sample_every=5", "log.sample_classes=3,12"])
+
+
+def test_presets_for_other_latents_and_shape_mismatch_names_both():
+    from types import SimpleNamespace
+
+    from latents.autoencoder import LatentTransform
+    from trainer.train import DatasetMismatchError, check_dataset
+
+    rae = preset("sit-xl1-rae-256").model.sit_config()
+    assert (rae.in_channels, rae.input_size, rae.patch_size, rae.hidden_size) == (768, 16, 1, 1152)
+    flux2 = preset("sit-xl1-flux2-256").model.sit_config()
+    assert (flux2.in_channels, flux2.input_size, flux2.patch_size) == (128, 16, 1)
+    f16c32 = preset("sit-xl1-f16c32-256").model.sit_config()
+    assert (f16c32.in_channels, f16c32.input_size, f16c32.patch_size) == (32, 16, 1)
+    card = SimpleNamespace(  # a FLUX.2 dataset at 256 px: stored 32 x 32 x 32, model space 128 x 16 x 16
+        latent_shape=[32, 32, 32], num_classes=1000, autoencoder={"class": "AutoencoderKLFlux2"},
+        latent_transform=LatentTransform(patch=2),
+    )  # fmt: skip
+    check_dataset("ds", card, flux2)
+    with pytest.raises(DatasetMismatchError, match=r"\[128, 16, 16\] in the dataset \(stored \[32, 32, 32\], "
+                       r"AutoencoderKLFlux2\), \[768, 16, 16\] in the model"):  # fmt: skip
+        check_dataset("ds", card, rae)

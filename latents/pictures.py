@@ -1,8 +1,7 @@
-"""Pictures of samples: VAE decoding to uint8, a viewable stand-in for latents, labelled grids.
+"""Pictures of latents and samples: a viewable stand-in for latents, labelled grids.
 
-`decode_to_uint8` is the one place latents become image bytes; the bulk sampler, `sit sample
---grid` and the trainer's preview grids all go through it, so their pixels agree. The rounding is
-the ADM/released sample.py one: ``clamp((x + 1) * 127.5 + 0.5, 0, 255)`` truncated to uint8.
+Decoding to image bytes is `latents.autoencoder.Autoencoder.decode_to_uint8` (the one place latents
+become pixels: the bulk sampler, `sit sample --grid` and the trainer's previews all go through it).
 """
 
 from __future__ import annotations
@@ -14,25 +13,6 @@ from PIL import Image, ImageDraw, ImageFont
 Tensor = torch.Tensor
 
 LABEL_WIDTH = 80  # pixels left of each row for its label
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3) with the ADM rounding."""
-    x = (images.float() + 1) * 127.5 + 0.5
-    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def decode_to_uint8(vae, latents_scaled: Tensor, scaling_factor: float) -> np.ndarray:
-    """Decode scaled latents (N, C, h, w) with ``vae`` -> uint8 images (N, H, W, 3).
-
-    The latents are divided by the scaling factor first (the model works in scaled units) and
-    cast to the VAE's dtype; decoding runs without gradients.
-    """
-    dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    with torch.no_grad():
-        images = vae.decode((latents_scaled / scaling_factor).to(device=device, dtype=dtype)).sample
-    return to_uint8(images)
 
 
 def latent_picture(latents: Tensor) -> np.ndarray:
