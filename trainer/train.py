@@ -301,6 +301,10 @@ def train(config: TrainConfig) -> TrainResult:
 def _run(config: TrainConfig, world: World) -> TrainResult:
     c = config
     run_dir = Path(c.run_dir)
+    if c.log.wandb:  # a missing optional package fails before any work (rank 0 logs; every rank checks)
+        from trainer.wandb_log import require_wandb
+
+        require_wandb()
     with PreemptionFlag() as flag:  # before the DataLoader forks its workers
         trainer = Trainer(c, world)
         resumed_from = trainer.checkpoints.find_resume(c.checkpoint.resume)

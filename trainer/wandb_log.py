@@ -21,6 +21,7 @@ under ``<run_dir>/wandb``; upload later with ``wandb sync``).
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
 
-def _import_wandb():
+def require_wandb():
+    """The wandb module; `ConfigError` (one line) if it is not installed."""
     try:
         import wandb
     except ImportError:
@@ -45,13 +47,13 @@ class WandbLog:
     """A W&B run for rank 0: `log` numeric values at a step, `image` a PNG, `finish`."""
 
     def __init__(self, config: TrainConfig, run_id: str = ""):
-        wandb = _import_wandb()
+        wandb = require_wandb()
         self.wandb = wandb
         g = config.log
         run_dir = Path(config.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         resumed = bool(run_id)
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or uuid.uuid4().hex[:12]  # stored in the checkpoint by the trainer
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, x_disable_stats=True)
         self.run = wandb.init(
             project=g.wandb_project,
