@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import threading
 import time
@@ -29,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.moto_s3 import free_port
 
+NAME_RE = re.compile(r'"name": "([^"]*)"')  # the object key in an upload's JSON metadata
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
 
 
@@ -60,6 +62,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a client gone mid-request: not our test's output
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self, upstream: str) -> None:
@@ -97,7 +100,8 @@ def _handler(proxy: FaultProxy):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             # an upload names its object in the body (multipart metadata), a read in the URL
-            seen = urllib.parse.unquote(self.path) + (" " + body[:4096].decode("latin-1") if body else "")
+            named = NAME_RE.search(body[:2048].decode("latin-1")) if body else None
+            seen = urllib.parse.unquote(self.path) + (f" name={named.group(1)}" if named else "")
             fault = proxy.match(self.command, seen)
             if fault is not None:
                 data = json.dumps({"error": {"code": fault.status, "message": f"injected {fault.status}"}}).encode()

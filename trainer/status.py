@@ -102,6 +102,9 @@ def read_status(url: str, storage_options: dict | None = None) -> RunStatus:
     if complete:
         status.checkpoint_step = complete[-1]
         status.checkpoint = step_folder(manager.url, complete[-1])
+        meta = _marker_meta(manager, status.checkpoint)
+        if meta.get("step", 0) > status.step:  # newer than the newest metrics line (log.every > checkpoint.every)
+            status.step, status.images_seen = meta["step"], meta.get("images_seen", status.images_seen)
     last = config.get("export_url") or f"{url}/ema.safetensors"
     from trainer.evaluate import best_export_url
 
@@ -113,6 +116,15 @@ def read_status(url: str, storage_options: dict | None = None) -> RunStatus:
     if status.step >= status.total_steps and "last" in status.exports:
         status.state = "finished"
     return status
+
+
+def _marker_meta(manager, folder: str) -> dict:
+    from trainer.checkpoint import MARKER
+
+    try:
+        return json.loads(manager.fs.cat_file(f"{manager._path(folder)}/{MARKER}")).get("meta", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def _duration(seconds: float) -> str:

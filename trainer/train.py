@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from latents.reader import LatentDataset, LatentLoader
+from latents.storage import retry
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import ConfigError, TrainConfig
 from trainer.ema import EMA
@@ -423,7 +424,7 @@ def export_ema(trainer: Trainer, url: str, more: dict | None = None) -> None:
             "transport": trainer.config.to_dict()["transport"],
             **(more or {}),
         }
-        save_export(url, state, trainer.model_config, extra)
+        retry(lambda: save_export(url, state, trainer.model_config, extra), f"writing {url}")
 
 
 if __name__ == "__main__":
