@@ -125,3 +125,17 @@ def test_permanent_fault_on_a_sample_chunk_names_the_object(tmp_path, gcs_bucket
     assert main([*args, *SHRINK["sample"]]) == 1
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sit ")]
     assert len(ours) == 1 and f"{gcs_bucket}/samples/chunks/" in ours[0] and "Forbidden" in ours[0], ours
+
+
+@pytest.mark.slow
+def test_permanent_fault_on_an_encoded_shard_names_the_object(tmp_path, gcs_bucket, gcs_faults, capsys, ray_address):
+    from tests.conftest import save_tiny_vae
+
+    write_parquet(f"{gcs_bucket}/src", synthetic_images(num_classes=2, per_class=4, broken=0), files=1)
+    save_tiny_vae(tmp_path / "vae")
+    gcs_faults.fault(f"dst/{shard_name(0)}", 403, times=None, method="POST")
+    vae = str(tmp_path / "vae")
+    args = ["encode", f"{gcs_bucket}/src", f"{gcs_bucket}/dst", "--vae", vae, "--address", ray_address]
+    assert main([*args, *SHRINK["encode"]]) == 1
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sit ")]
+    assert len(ours) == 1 and f"{gcs_bucket}/dst/{shard_name(0)}" in ours[0] and "Forbidden" in ours[0], ours
