@@ -93,3 +93,41 @@ def test_resume_continues_the_schedule_and_best(trained, tmp_path):
 def test_bad_eval_settings_are_refused(tmp_path, values, match):
     with pytest.raises(ConfigError, match=match):
         tiny_config("unused", str(tmp_path), log=values)
+
+
+def test_inception_fid_is_logged_and_recomputes(tmp_path, tiny_vae_dir):
+    """With log.inception (a TorchScript stand-in of the Inception network) and reference
+    statistics, each point also logs FID of the decoded samples; recomputed from the export."""
+    import warnings
+
+    import torch
+
+    from sampling.fid import Statistics, extract, frechet_distance, load_inception
+    from sampling.grid import decode_to_uint8
+    from tests.sampling.conftest import InceptionStandIn
+
+    inception = tmp_path / "inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(InceptionStandIn()).save(str(inception))
+    rng = np.random.default_rng(0)
+    real = extract(load_inception(str(inception)), [rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8)])
+    stats = Statistics.of(real.features)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, mu=stats.mu, sigma=stats.sigma)
+    data = write_toy_dataset(str(tmp_path / "ds"), n=64)
+    log = {"eval_every": 4, "eval_samples": 16, "eval_steps": 4, "inception": str(inception)}
+    log |= {"inception_reference": str(reference), "vae": str(tiny_vae_dir)}
+    config = tiny_config(data, str(tmp_path / "run"), total_steps=4, log=log)
+    train(config)
+    point = eval_points(tmp_path / "run")[-1]
+    assert math.isfinite(point["eval_fid"]) and point["eval_fid"] > 0
+
+    gen = Generator(ModelSource(str(tmp_path / "run" / "ema.safetensors"), str(tiny_vae_dir)))
+    _, _, extra = read_export(str(tmp_path / "run" / "ema.safetensors"))
+    plan = eval_plan(0, 16, config.model.num_classes, ())
+    latents = torch.from_numpy(gen.generate(eval_options("SDE", 4, extra["transport"]), plan, range(16), 16).latents)
+    images = [decode_to_uint8(gen.vae, latents[i : i + 1], extra["scaling_factor"]) for i in range(16)]
+    fake = Statistics.of(extract(load_inception(str(inception)), images).features)
+    fid = frechet_distance(fake.mu, fake.sigma, stats.mu, stats.sigma)
+    assert math.isclose(fid, point["eval_fid"], rel_tol=1e-3), (fid, point["eval_fid"])
