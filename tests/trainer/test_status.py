@@ -61,3 +61,17 @@ def test_not_a_run_is_one_line(tmp_path, capsys, kind):
     assert err.count("\n") == 1
     want = "no such run directory" if kind == "missing" else "not a training run directory (no config.json"
     assert f"sit status: error: {target}: {want}" in err
+
+
+def test_status_of_a_run_directory_on_gcs(finished_run, gcs_bucket, capsys):
+    """The run directory synced to object storage (here the GCS emulator): the same screen."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+    url = f"{gcs_bucket}/runs/tiny"
+    fs.put(str(finished_run), url.removeprefix("gs://"), recursive=True)
+    assert main(["status", url]) == 0
+    out = capsys.readouterr().out
+    assert "state       finished" in out and "step        20 / 20 (100.0%)" in out
+    assert f"checkpoint  {url}/checkpoints/step-000000020 (step 20)" in out
+    assert f"best {url}/ema-best.safetensors" in out
