@@ -55,7 +55,18 @@ class WandbLog:
         resumed = bool(run_id)
         self.run_id = run_id or uuid.uuid4().hex[:12]  # stored in the checkpoint by the trainer
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, x_disable_stats=True)
-        self.run = wandb.init(
+        try:
+            self.run = self._init(wandb, config, g, run_dir, resumed, settings)
+        except Exception as err:
+            if not type(err).__module__.startswith("wandb"):
+                raise
+            raise ConfigError(
+                f"W&B could not start the run ({type(err).__name__}: {' '.join(str(err).split())}); log in with "
+                "`wandb login` or WANDB_API_KEY, or set log.wandb_mode=offline"
+            ) from None
+
+    def _init(self, wandb, config: TrainConfig, g, run_dir: Path, resumed: bool, settings):
+        return wandb.init(
             project=g.wandb_project,
             name=g.wandb_name or run_dir.name,
             tags=[t.strip() for t in g.wandb_tags.split(",") if t.strip()] or None,
