@@ -20,8 +20,16 @@ from latents.argtypes import Parser
 from pipeline import cli as pipeline_cli
 from sampling import cli as sampling_cli
 from trainer import cli as trainer_cli
+from trainer import status as trainer_status
 
-REGISTRARS = (demo.register, pipeline_cli.register, trainer_cli.register, sampling_cli.register, latents_cli.register)
+REGISTRARS = (
+    demo.register,
+    pipeline_cli.register,
+    trainer_cli.register,
+    trainer_status.register,
+    sampling_cli.register,
+    latents_cli.register,
+)
 
 # Exceptions that mean "the input is wrong", as (module, class): one line and exit 1, no traceback.
 # Named, not imported, so that `sit inspect` does not pay for importing torch; an error can only

@@ -96,6 +96,10 @@ def train(out: Path, size: DemoSize, encoded: dict, log) -> dict:
         "optim.ema_decay": 0.995,
         "data.global_batch_size": 64,
         "log.every": 1,
+        # evaluation while training: latent FD of the EMA's samples (a second or two per point here)
+        "log.eval_every": max(1, size.train_steps // 4),
+        "log.eval_samples": size.samples_per_class * len(class_names()),
+        "log.eval_steps": 50,
         "log.tensorboard": "false",
         "log.progress": "false",
     }
@@ -138,11 +142,16 @@ def train(out: Path, size: DemoSize, encoded: dict, log) -> dict:
         save_export(str(untrained), model.state_dict(), model_config, {"step": 0})
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_latent_fd"], r["eval_seconds"]) for r in records if r.get("event") == "eval"]
+    if evals:
+        log("    latent FD of the EMA during training: " + ", ".join(f"step {s} {fd:.2f}" for s, fd, _ in evals))
     return {
         "run_dir": str(run_dir),
         "export": str(run_dir / "ema.safetensors"),
         "untrained": str(untrained),
         "losses": losses,
+        "evals": evals,
+        "best_export": str(run_dir / "ema-best.safetensors"),
         "interrupted_at": stopped_at,
         "resumed_at": resumed_at,
     }
@@ -237,11 +246,12 @@ def write_report(
         "size": size.__dict__,
         "images": {k: images[k] for k in ("good", "broken", "files")},
         "encode": encoded,
-        "train": {k: v for k, v in trained.items() if k != "losses"}
+        "train": {k: v for k, v in trained.items() if k not in ("losses", "evals")}
         | {
             "loss_window": window,
             "first_loss": float(losses[:window].mean()),
             "last_loss": float(losses[-window:].mean()),
+            "eval": [{"step": s, "latent_fd": fd, "seconds": sec} for s, fd, sec in trained.get("evals", [])],
         },
         "latent_frechet_distance": fd,
         "fd_ratio_trained_over_untrained": fd["trained"] / fd["untrained"],
@@ -262,6 +272,13 @@ def _stopped(train: dict) -> str:
     )
 
 
+def _evals(train: dict) -> str:
+    if not train["eval"]:
+        return ""
+    points = ", ".join(f"step {e['step']} {e['latent_fd']:.2f} ({e['seconds']:.1f} s)" for e in train["eval"])
+    return f"\n   Latent FD of the EMA during training: {points}; best export `{train['best_export']}`."
+
+
 def _markdown(s: dict) -> str:
     t = s["seconds"]
     return f"""# sit demo
@@ -275,7 +292,7 @@ Ran on {s["machine"]} in {sum(t.values()):.0f} s ({", ".join(f"{k} {v:.0f} s" fo
    ({s["encode"]["rejects"]}) in {s["encode"]["shards"]} shards at `{s["encode"]["url"]}`.
 4. **train**: {_stopped(s["train"])}; loss {s["train"]["first_loss"]:.3f} (first {s["train"]["loss_window"]} steps)
    -> {s["train"]["last_loss"]:.3f} (last {s["train"]["loss_window"]}); EMA export
-   `{s["train"]["export"]}`.
+   `{s["train"]["export"]}`.{_evals(s["train"])}
 5. **sample** (Ray job): latent Fréchet distance to the data {s["latent_frechet_distance"]["untrained"]:.2f}
    untrained -> {s["latent_frechet_distance"]["trained"]:.2f} trained
    (ratio {s["fd_ratio_trained_over_untrained"]:.2f}).

@@ -90,6 +90,26 @@ def _http_status(err: BaseException) -> tuple[int | None, str | None]:
     return (code, None) if isinstance(code, int) else (None, None)
 
 
+GCSFS_MODULES = ("gcsfs", "requests", "google")  # gcsfs raises its own, requests' and google-auth's errors
+
+
+def _gcsfs_transient(err: BaseException) -> bool | None:
+    """gcsfs's own verdict on an error it raises (`gcsfs.retry.is_retriable`: HTTP 5xx, 408, 429,
+    connection and timeout errors of requests, checksum mismatches), None for other errors.
+
+    Credential failures are not transient here (gcsfs retries a 401 and a failed token refresh
+    in case the token just expired; after its own retries, ours cannot help)."""
+    if type(err).__module__.split(".")[0] not in GCSFS_MODULES:
+        return None
+    try:
+        from gcsfs.retry import HttpError, is_retriable
+    except ImportError:
+        return None
+    if type(err).__name__ == "RefreshError" or (isinstance(err, HttpError) and err.code == 401):
+        return False
+    return bool(is_retriable(err)) or None
+
+
 def _chain(err: BaseException):
     seen = set()
     while err is not None and id(err) not in seen:
@@ -104,6 +124,8 @@ def is_transient(err: BaseException) -> bool:
     Looks through the exception's causes (s3fs turns a ClientError into an OSError caused by it).
     Missing files, permissions, bad credentials, 4xx answers and programming errors are not."""
     for e in _chain(err):
+        if _gcsfs_transient(e):
+            return True
         status, code = _http_status(e)
         if status is not None or code is not None:
             return (status is not None and (status >= 500 or status == 429)) or code in TRANSIENT_CODES
@@ -154,6 +176,10 @@ def _url_to_fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
             known = ", ".join(p for p in ("file", "s3", "gs", "memory") if p in fsspec.available_protocols())
             protocol = url.split("://")[0]
             raise StorageError(f"{url}: unknown storage protocol {protocol!r} (use a path or {known})") from None
+        raise
+    except Exception as err:  # e.g. gcsfs with token="google_default" and no credentials
+        if type(err).__module__.split(".")[0] in CLIENT_MODULES:
+            raise StorageError(f"{url}: cannot connect to the store: {describe(err)}") from err
         raise
 
 
@@ -291,5 +317,7 @@ def _local_temporaries(final: str, root: str) -> list[str]:
 def _surface(err: Exception, what: str) -> None:
     """Raise a non-transient error: storage-client errors as a one-line `StorageError`, others as is."""
     if type(err).__module__.split(".")[0] in CLIENT_MODULES:
+        raise StorageError(f"{what}: {describe(err)}") from err
+    if type(err) is OSError:  # a bare OSError names no object (gcsfs answers a 403 with "Forbidden: <upload URL>")
         raise StorageError(f"{what}: {describe(err)}") from err
     raise err

@@ -22,7 +22,16 @@ import logging
 import os
 import tempfile
 
-WORKER_ENV_PREFIXES = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "FSSPEC_", "HF_")
+WORKER_ENV_PREFIXES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "FSSPEC_",
+    "HF_",
+    "STORAGE_EMULATOR_HOST",  # gcsfs: a GCS emulator
+    "GCSFS_",
+)
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY", "_KEY")
 
 

@@ -3,9 +3,12 @@
 * reference_dir: values computed from the released SiT code (tests/reference/).
 * s3_endpoint / s3_bucket: a real S3 API - moto's server in its own process on 127.0.0.1,
   started once per test session; s3fs finds it through AWS_ENDPOINT_URL.
+* gcs_endpoint / gcs_bucket / gcs_faults: a real GCS API - fake-gcs-server on 127.0.0.1 behind
+  a fault-injecting proxy (tests/gcs.py), started once per test session; gcsfs finds it through
+  STORAGE_EMULATOR_HOST (anonymous, FSSPEC_GS_TOKEN=anon).
 * ray_address: one local Ray cluster per test session (2 CPUs, a small object store); the
   test process is connected to it and subprocesses join it with `--address`; its workers see
-  the moto server's endpoint and credentials.
+  the moto server's endpoint and credentials and the GCS emulator.
 * tiny_vae_dir: a tiny randomly initialised `diffusers.AutoencoderKL` with the SD VAE's
   structure (downsampling by 8, 4 latent channels), saved with `save_pretrained`.
 
@@ -22,9 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.gcs import FaultProxy, gcs_environment, start_gcs_server
 from tests.moto_s3 import s3_environment, start_moto_server
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+# gcsfs reads this once, at import: without it every new bucket costs a 60 s gRPC probe, which
+# the GCS emulator cannot answer (tests only ever talk to the emulator)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 torch.set_num_threads(1)
 
@@ -61,11 +68,63 @@ def s3_bucket(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address(s3_endpoint) -> str:
+def gcs_proxy():
+    """The session's GCS emulator behind its fault proxy; the environment points gcsfs at the proxy."""
+    import fsspec.config
+
+    proxy = FaultProxy()
+    proc, upstream = start_gcs_server(proxy.url)
+    proxy.start(upstream)
+    env = gcs_environment(proxy.url)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    saved_conf = fsspec.config.conf.get("gs")
+    fsspec.config.conf["gs"] = {**(saved_conf or {}), "token": "anon"}  # fsspec read FSSPEC_* at import
+    yield proxy
+    proxy.stop()
+    proc.terminate()
+    proc.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if saved_conf is None:
+        fsspec.config.conf.pop("gs", None)
+    else:
+        fsspec.config.conf["gs"] = saved_conf
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(gcs_proxy) -> str:
+    return gcs_proxy.url
+
+
+@pytest.fixture
+def gcs_faults(gcs_proxy) -> FaultProxy:
+    """The proxy with no faults scripted (and none left behind after the test)."""
+    gcs_proxy.clear()
+    yield gcs_proxy
+    gcs_proxy.clear()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint) -> str:
+    """A fresh, empty bucket; returns its gs:// URL."""
+    import gcsfs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    gcsfs.GCSFileSystem(skip_instance_cache=True).mkdir(name)
+    return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3_endpoint, gcs_endpoint) -> str:
     """The GCS address of the session's local Ray cluster (this process is its driver).
 
-    Started after the moto server, so that its workers inherit the S3 endpoint and the dummy
-    credentials, as a real cluster's workers have their own (the jobs never ship secrets).
+    Started after the moto server and the GCS emulator, so that its workers inherit their
+    endpoints and the dummy credentials, as a real cluster's workers have their own (the jobs
+    never ship secrets).
     """
     import ray
 

@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
+from latents.storage import retry
+
 MARKER = "COMPLETE.json"
 MARKER_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{9})$")
@@ -123,7 +125,8 @@ class CheckpointManager:
         buf = io.BytesIO()
         torch.save(local, buf)
         self.fs.makedirs(path, exist_ok=True)
-        self.fs.pipe_file(f"{path}/{_rank_file(self.rank)}", buf.getvalue())
+        rank_file = f"{path}/{_rank_file(self.rank)}"
+        retry(lambda: self.fs.pipe_file(rank_file, buf.getvalue()), f"writing {folder}/{_rank_file(self.rank)}")
         writer = FsspecWriter(folder, sync_files=False, **self.storage_options)
         if self.async_save and not blocking:
             future = dcp.async_save(sharded, storage_writer=writer, process_group=self.async_group)
@@ -163,7 +166,8 @@ class CheckpointManager:
                 "files": files,
                 "meta": meta,
             }
-            self.fs.pipe_file(f"{path}/{MARKER}", json.dumps(marker, indent=1, sort_keys=True).encode())
+            data = json.dumps(marker, indent=1, sort_keys=True).encode()
+            retry(lambda: self.fs.pipe_file(f"{path}/{MARKER}", data), f"writing {folder}/{MARKER}")
         self._barrier()
         if self.rank == 0:
             self._retain()

@@ -146,6 +146,31 @@ class LogConfig:
     sample_steps: int = 32  # Euler steps of the probability-flow ODE for the grid
     vae: str = ""  # diffusers VAE (local folder or cached id) to decode the grid; "" = latent-channel picture
     progress: bool = True  # a progress bar when stderr is a terminal
+    eval_every: int = 0  # evaluate the EMA (latent FD, see trainer.evaluate) every this many steps (0 = never)
+    eval_samples: int = 1000  # samples per evaluation point, shared over the ranks
+    eval_seed: int = 0  # sample plan seed: the same samples at every point
+    eval_classes: str = ""  # comma-separated class ids cycled over the samples; "" = balanced over all classes
+    eval_mode: str = "SDE"  # `sit sample`'s sampler: SDE or ODE (Euler)
+    eval_steps: int = 50  # sampler steps per evaluation sample
+    eval_batch: int = 64  # samples per forward batch on each rank
+    eval_reference: int = 0  # training latents in the fixed reference set (0 = eval_samples)
+    inception: str = ""  # TorchScript Inception file: also compute FID (needs vae and inception_reference)
+    inception_reference: str = ""  # npz with mu/sigma of the reference images' Inception features
+    wandb: bool = False  # also log to Weights & Biases (pip install 'sit-pipeline[wandb]')
+    wandb_project: str = "sit"  # W&B project
+    wandb_name: str = ""  # W&B run name ("" = the run directory's name)
+    wandb_tags: str = ""  # comma-separated W&B tags
+    wandb_mode: str = "online"  # online or offline (offline: files under <run_dir>/wandb, `wandb sync` later)
+
+    def eval_class_ids(self, num_classes: int) -> tuple[int, ...]:
+        """The class ids of ``eval_classes`` (empty: balanced over all), checked against the class count."""
+        try:
+            classes = tuple(int(c) for c in self.eval_classes.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(f"log.eval_classes {self.eval_classes!r}: not comma-separated class ids") from None
+        if not all(0 <= c < num_classes for c in classes):
+            raise ConfigError(f"log.eval_classes {self.eval_classes!r}: need ids in [0, {num_classes})")
+        return classes
 
     def preview_classes(self, num_classes: int) -> list[int]:
         """The class ids of ``sample_classes``, checked against the model's class count."""
@@ -197,9 +222,30 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.log.sample_every:
             self.log.preview_classes(self.model.num_classes)
+        self._validate_eval()
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
         return self
+
+    def _validate_eval(self) -> None:
+        g = self.log
+        if g.eval_every < 0:
+            raise ConfigError(f"log.eval_every must be >= 0, got {g.eval_every}")
+        if g.eval_every:
+            g.eval_class_ids(self.model.num_classes)
+            if g.eval_mode.upper() not in ("SDE", "ODE"):
+                raise ConfigError(f"log.eval_mode {g.eval_mode!r}; valid: SDE, ODE")
+            for name in ("eval_samples", "eval_steps", "eval_batch"):
+                if getattr(g, name) < 1:
+                    raise ConfigError(f"log.{name} must be >= 1, got {getattr(g, name)}")
+            if g.eval_samples < 2 or g.eval_reference == 1:
+                raise ConfigError(
+                    "log.eval_samples and log.eval_reference need at least 2 samples for a Fréchet distance"
+                )
+            if g.inception and not (g.inception_reference and g.vae):
+                raise ConfigError("log.inception needs log.inception_reference (an npz with mu/sigma) and log.vae")
+        if g.wandb_mode not in ("online", "offline"):
+            raise ConfigError(f"log.wandb_mode {g.wandb_mode!r}; valid: online, offline")
 
     def checkpoint_url(self) -> str:
         return self.checkpoint.url or f"{self.run_dir.rstrip('/')}/checkpoints"

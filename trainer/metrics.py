@@ -68,7 +68,8 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 class MetricsLog:
     """Rank 0's metrics: one JSON object per line in ``metrics.jsonl``, and TensorBoard scalars."""
 
-    def __init__(self, run_dir: str, tensorboard: bool):
+    def __init__(self, run_dir: str, tensorboard: bool, wandb=None):
+        self.wandb = wandb  # a trainer.wandb_log.WandbLog, or None
         self.path = Path(run_dir) / TRAIN_METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self.path.open("a")
@@ -86,6 +87,8 @@ class MetricsLog:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:
                     self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def close(self) -> None:
         self.file.close()

@@ -34,9 +34,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from latents.autoencoder import LatentTransform
 from latents.reader import LatentDataset, LatentLoader
+from latents.storage import retry
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import ConfigError, TrainConfig
 from trainer.ema import EMA
+from trainer.evaluate import Evaluator, best_export_url
 from trainer.export import save_export
 from trainer.metrics import MetricsLog, mfu, peak_memory_bytes, time_bin_sums
 from trainer.model import SiT, SiTConfig
@@ -165,6 +167,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.preview_autoencoder = None  # loaded by the first preview grid (log.vae), then kept
+        self.evaluator = Evaluator(self)
+        self.wandb_run_id = ""  # rank 0's W&B run, kept across restarts (trainer.wandb_log)
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -184,6 +188,8 @@ class Trainer:
             "data": self.loader.state_dict(),
             "noise_rng": self.noise_gen.get_state(),
             "label_rng": self.label_gen.get_state(),
+            "eval": self.evaluator.state_dict(),
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def save(self, blocking: bool = True) -> str:
@@ -205,6 +211,9 @@ class Trainer:
             raise CheckpointError(f"{folder}: {err}") from None
         self.noise_gen.set_state(local["noise_rng"])
         self.label_gen.set_state(local["label_rng"])
+        if "eval" in local:  # checkpoints written before evaluation existed lack these
+            self.evaluator.load_state_dict(local["eval"])
+        self.wandb_run_id = local.get("wandb_run_id", "")
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -309,6 +318,10 @@ def train(config: TrainConfig) -> TrainResult:
 def _run(config: TrainConfig, world: World) -> TrainResult:
     c = config
     run_dir = Path(c.run_dir)
+    if c.log.wandb:  # a missing optional package fails before any work (rank 0 logs; every rank checks)
+        from trainer.wandb_log import require_wandb
+
+        require_wandb()
     with PreemptionFlag() as flag:  # before the DataLoader forks its workers
         trainer = Trainer(c, world)
         resumed_from = trainer.checkpoints.find_resume(c.checkpoint.resume)
@@ -318,7 +331,13 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=1) + "\n")
-            metrics = MetricsLog(str(run_dir), c.log.tensorboard)
+            sink = None
+            if c.log.wandb:
+                from trainer.wandb_log import WandbLog
+
+                sink = WandbLog(c, trainer.wandb_run_id)
+                trainer.wandb_run_id = sink.run_id
+            metrics = MetricsLog(str(run_dir), c.log.tensorboard, sink)
             if resumed_from:
                 metrics.write(trainer.step, {"event": "resumed", "from": resumed_from})
         bar = _progress(c, world, trainer.step)
@@ -350,8 +369,15 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
                         metrics.write(step, record)
                     if step % c.log.every == 0:
                         window_images, window_start, window_steps = 0, time.perf_counter(), 0
+                    side_start = time.perf_counter()  # grids and evaluation are not training time
                     if c.log.sample_every and step % c.log.sample_every == 0:
-                        draw_preview(trainer, run_dir / "samples" / f"step-{step:09d}.png")
+                        grid = run_dir / "samples" / f"step-{step:09d}.png"
+                        draw_preview(trainer, grid)
+                        if metrics is not None and metrics.wandb is not None:
+                            metrics.wandb.image(step, "samples", grid)
+                    if trainer.evaluator.due(step) and not stats["stop"]:  # a stopping run evaluates after resuming
+                        evaluate(trainer, metrics, step)
+                    window_start += time.perf_counter() - side_start
                     final = stats["stop"] or step >= c.total_steps
                     if final or step % c.checkpoint.every == 0:
                         last_ckpt = trainer.save(blocking=final)
@@ -373,6 +399,8 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+                if metrics.wandb is not None:
+                    metrics.wandb.finish(exit_code)
     return TrainResult(
         exit_code,
         trainer.step,
@@ -385,7 +413,19 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
     )
 
 
-def export_ema(trainer: Trainer, url: str) -> None:
+def evaluate(trainer: Trainer, metrics: MetricsLog | None, step: int) -> None:
+    """One evaluation point (collective): log it on rank 0; replace the best export if it improved."""
+    values = trainer.evaluator.run(step)
+    improved = values.pop("improved")
+    if improved and trainer.config.export:
+        export_ema(
+            trainer, best_export_url(trainer.config), {"eval": {"step": step, "latent_fd": values["eval_latent_fd"]}}
+        )
+    if metrics is not None:
+        metrics.write(step, {"event": "eval", **values})
+
+
+def export_ema(trainer: Trainer, url: str, more: dict | None = None) -> None:
     """Gather the EMA on rank 0 and write the consolidated export there (collective)."""
     state = trainer.ema.full_state_dict()
     if trainer.world.is_main:
@@ -401,8 +441,9 @@ def export_ema(trainer: Trainer, url: str) -> None:
             "stored_latent_shape": list(card.latent_shape),
             "resolution": card.resolution,
             "transport": trainer.config.to_dict()["transport"],
+            **(more or {}),
         }
-        save_export(url, state, trainer.model_config, extra)
+        retry(lambda: save_export(url, state, trainer.model_config, extra), f"writing {url}")
 
 
 if __name__ == "__main__":

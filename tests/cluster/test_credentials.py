@@ -105,3 +105,34 @@ def test_encode_job_writes_no_credential(tmp_path, s3_bucket, ray_address, tiny_
     assert occurrences(s3_bucket.removeprefix("s3://"), blobs), "control: the search must find the bucket name"
     assert occurrences(secret, blobs) == []
     assert occurrences(key_id, blobs) == []
+
+
+@pytest.mark.slow
+def test_wandb_files_hold_no_credential(tmp_path):
+    """`sit train` with W&B offline and a W&B API key and cloud secrets in its environment: no
+    file of the run directory (the W&B transaction log, its debug logs, media and metadata
+    included) nor the output holds them."""
+    data = write_toy_dataset(str(tmp_path / "data"), n=32)
+    run_dir = tmp_path / "run"
+    secrets = {
+        "WANDB_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex[:8],
+        "AWS_SECRET_ACCESS_KEY": f"secret-{uuid.uuid4().hex}",
+        "AWS_ACCESS_KEY_ID": f"AKIA{uuid.uuid4().hex[:16].upper()}",
+    }
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **secrets)
+    project = f"project-{uuid.uuid4().hex[:8]}"
+    args = ["--preset", "tiny-cpu", "--data", data, "--run-dir", str(run_dir), "--steps", "4"]
+    for kv in ("log.wandb=true", "log.wandb_mode=offline", f"log.wandb_project={project}", "log.every=1"):
+        args += ["--set", kv]
+    args += ["--set", "log.sample_every=4", "--set", "log.tensorboard=false"]
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train", *args], capture_output=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    blobs = {"stdout": result.stdout, "stderr": result.stderr}
+    blobs.update({str(p): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()})
+    wandb_files = [name for name in blobs if "/wandb/" in name]
+    assert any(name.endswith(".wandb") for name in wandb_files) and len(wandb_files) >= 3, wandb_files
+    assert occurrences(project, blobs), "control: the search must find the W&B project name"
+    for value in secrets.values():
+        assert occurrences(value, blobs) == []

@@ -37,6 +37,17 @@ def test_quick_demo_runs_end_to_end_and_reruns(tmp_path, ray_address, capsys):
     assert all(math.isfinite(v) and v > 0 for v in fd.values())
     assert s["fd_ratio_trained_over_untrained"] == pytest.approx(fd["trained"] / fd["untrained"])
     assert "rejected" in (report / "summary.md").read_text()
+    evals = s["train"]["eval"]  # evaluation while training: every train_steps / 4 steps
+    assert [e["step"] for e in evals] == [10, 20, 30, 40] and all(e["latent_fd"] > 0 for e in evals)
+    assert "Latent FD of the EMA during training" in (report / "summary.md").read_text()
+
+    assert main(["status", str(out / "run")]) == 0  # sit status on the demo's run directory
+    status = capsys.readouterr().out
+    assert f"step        {size.train_steps} / {size.train_steps} (100.0%)" in status
+    assert f"checkpoint  {out / 'run' / 'checkpoints'}/step-{size.train_steps:09d} (step {size.train_steps})" in status
+    assert f"eval last   step 40: latent FD {evals[-1]['latent_fd']:.4g}" in status
+    best = min(evals, key=lambda e: e["latent_fd"])
+    assert f"eval best   step {best['step']}: latent FD {best['latent_fd']:.4g}" in status
 
     grid = Image.open(report / "grid.png")
     tile = 32 * 2  # 32-px samples, drawn at twice their size

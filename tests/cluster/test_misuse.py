@@ -143,6 +143,14 @@ CELLS = [
         "--save-ref-stats",
     ),
     (["eval", f"{W}/samples", "--ref", f"{W}/images", "--inception", f"{W}/file.txt", "--batch-size", "0"], 2, "batch"),
+    # ---- sit status ----------------------------------------------------------------------------------
+    (["status", f"{W}/missing"], 1, "missing"),
+    (["status", f"{W}/empty"], 1, "empty"),
+    (["status", f"{W}/file.txt"], 1, "file.txt"),
+    (["status", f"{W}/ds"], 1, "ds"),
+    (["status", f"{W}/run"], 1, "config.json"),
+    (["status", "foo://bucket/run"], 1, "foo"),
+    (["status", "s3://no-credentials/run"], 1, "no-credentials"),
     # ---- sit demo, sit models, sit selfcheck, sit ----------------------------------------------------
     (["demo", "--quick", "--out", f"{W}/file.txt"], 1, "file.txt"),
     (["demo", "--quick", "--out", f"{W}/file.txt/demo"], 1, "file.txt"),

@@ -11,14 +11,17 @@ reproduces the outputs of the FSDP-sharded EMA of the final checkpoint.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 
+from sampling.generate import Generator, ModelSource
 from sampling.ode import sample_ode
 from tests.trainer.conftest import DATA_STD, NUM_CLASSES, class_means, run, train_command, write_toy_dataset
+from trainer.evaluate import eval_options, eval_plan, latent_fd, reference_latents
 from trainer.export import load_export, read_export
 from trainer.model import SiT
 from trainer.transport import Transport
@@ -51,7 +54,7 @@ def data_latents(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path):
+def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path, tiny_vae_dir):
     data = write_toy_dataset(str(tmp_path / "ds"), n=512, samples_per_shard=64)
     run_dir = tmp_path / "run"
     command = train_command(
@@ -64,6 +67,10 @@ def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path):
         "log.sample_every=150",
         "log.sample_classes=0,1,2",
         "log.sample_per_class=3",
+        "log.eval_every=300",  # one evaluation point at the end: 25 samples, 13 on rank 0 and 12 on rank 1
+        "log.eval_samples=25",
+        "log.eval_batch=8",
+        "log.eval_steps=10",
     )
     done = run(command, timeout=500)
     assert done.returncode == 0, done.stdout
@@ -74,7 +81,8 @@ def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path):
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     print(f"loss: first 30 steps {first:.3f}, last 30 steps {last:.3f}")
     assert last < 0.75 * first
-    assert {"grad_norm", "lr", "images_per_s", "mfu", "loss_t0", "loss_t3"} <= records[-1].keys()
+    last_line = [r for r in records if "loss" in r][-1]  # (the evaluation point at the last step comes after it)
+    assert {"grad_norm", "lr", "images_per_s", "mfu", "loss_t0", "loss_t3"} <= last_line.keys()
     assert (run_dir / "samples" / "step-000000150.png").exists()
 
     # (2) generated latents move toward the data
@@ -100,3 +108,11 @@ def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path):
     with torch.no_grad():
         out = export(ref["x"], ref["t"], ref["y"])
     torch.testing.assert_close(out, ref["out"], rtol=0, atol=1e-6)
+
+    # (4) the evaluation point, drawn by both ranks in shares, equals one process drawing them from the export
+    point = next(r for r in records if r.get("event") == "eval")
+    gen = Generator(ModelSource(str(run_dir / "ema.safetensors"), str(tiny_vae_dir)))
+    plan = eval_plan(0, 25, NUM_CLASSES, ())
+    latents = gen.generate(eval_options("SDE", 10, extra["transport"]), plan, range(25), 25).latents
+    fd = latent_fd(latents, reference_latents(data, 25))
+    assert point["step"] == STEPS and math.isclose(fd, point["eval_latent_fd"], rel_tol=1e-4), (fd, point)
