@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 
 
-
 class StatusError(FileNotFoundError):
     """Not a training run directory (or none at all); the message names it."""
 
