@@ -172,20 +172,18 @@ class Evaluator:
 
     def fid(self, latents: np.ndarray) -> float:
         """FID of the decoded samples against ``log.inception_reference``'s statistics (rank 0)."""
-        from pipeline.vae import load_vae
         from sampling.fid import extract, load_inception
-        from sampling.grid import decode_to_uint8
         from sampling.image_sources import read_npz_arrays
+        from trainer.preview import preview_autoencoder
 
         lg, dev = self.log, self.trainer.world.device
         if self._inception is None:
             ref = read_npz_arrays(lg.inception_reference, ("mu", "sigma"))
-            vae = load_vae(lg.vae, torch.float32, dev)
-            self._inception = (load_inception(lg.inception, dev), vae, ref)
-        detector, vae, ref = self._inception
-        scale = self.trainer.dataset.card.scaling_factor
+            self._inception = (load_inception(lg.inception, dev), ref)
+        detector, ref = self._inception
+        ae = preview_autoencoder(self.trainer)  # log.vae, checked against the dataset's, loaded once
         x = torch.from_numpy(latents).to(dev)
-        batches = (decode_to_uint8(vae, x[i : i + 1], scale) for i in range(len(x)))
+        batches = (ae.decode_to_uint8(x[i : i + 1], self.trainer.transform) for i in range(len(x)))
         stats = Statistics.of(extract(detector, batches, dev).features)
         return frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])
 

@@ -35,6 +35,16 @@ def euler_ode(model_fn, transport, x: torch.Tensor, num_steps: int) -> torch.Ten
     return x
 
 
+def preview_autoencoder(trainer: Trainer):
+    """``log.vae``, checked against the dataset's autoencoder, loaded on first use and then kept."""
+    if trainer.preview_autoencoder is None:
+        c = trainer.config
+        ae = load_autoencoder(c.log.vae, torch.float32, trainer.world.device)
+        check_identity(trainer.dataset.card.autoencoder, ae, f"the dataset {c.data.url}", "log.vae")
+        trainer.preview_autoencoder = ae
+    return trainer.preview_autoencoder
+
+
 def draw_preview(trainer: Trainer, path: Path) -> None:
     """Sample with the EMA on every rank; rank 0 saves the grid PNG at ``path``."""
     c, mc = trainer.config, trainer.model_config
@@ -48,13 +58,6 @@ def draw_preview(trainer: Trainer, path: Path) -> None:
     x = euler_ode(lambda x, t: ema(x, t, y), trainer.transport, z, c.log.sample_steps)
     if not trainer.world.is_main:
         return
-    if c.log.vae:
-        if trainer.preview_autoencoder is None:
-            ae = load_autoencoder(c.log.vae, torch.float32, dev)
-            check_identity(trainer.dataset.card.autoencoder, ae, f"the dataset {c.data.url}", "log.vae")
-            trainer.preview_autoencoder = ae
-        pictures = trainer.preview_autoencoder.decode_to_uint8(x, trainer.transform)
-    else:
-        pictures = latent_picture(x)
+    pictures = preview_autoencoder(trainer).decode_to_uint8(x, trainer.transform) if c.log.vae else latent_picture(x)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(pictures, per, [f"class {k}" for k in classes]).save(path)
