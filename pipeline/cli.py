@@ -40,7 +40,7 @@ def encode_command(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         vae=args.vae,
         dtype=args.dtype,
-        stored=args.stored or _stored_choices()[0],
+        stored=args.stored,  # None: the autoencoder decides (posterior for Gaussian ones)
         source_format=SourceFormat.parse(args.format),
         class_list=args.class_list,
         labels=args.labels,
