@@ -111,7 +111,7 @@ def test_two_ranks_learn_the_toy_set_and_export_matches_sharded_ema(tmp_path, ti
 
     # (4) the evaluation point, drawn by both ranks in shares, equals one process drawing them from the export
     point = next(r for r in records if r.get("event") == "eval")
-    gen = Generator(ModelSource(str(run_dir / "ema.safetensors"), str(tiny_vae_dir)))
+    gen = Generator(ModelSource(str(run_dir / "ema.safetensors"), str(tiny_vae_dir), allow_vae_mismatch=True))
     plan = eval_plan(0, 25, NUM_CLASSES, ())
     latents = gen.generate(eval_options("SDE", 10, extra["transport"]), plan, range(25), 25).latents
     fd = latent_fd(latents, reference_latents(data, 25))
