@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 
 import fsspec
 import torch
@@ -35,7 +34,7 @@ from latents.autoencoder import (
     check_identity,
 )
 from trainer.checkpoint_import import load_error, load_released, read_released_state_dict
-from trainer.export import EXPORT_FORMAT, looks_like_safetensors, read_export
+from trainer.export import looks_like_safetensors, read_export
 from trainer.model import SiT, SiTConfig, sit_config
 
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # the presets' (hidden -> heads)
@@ -52,18 +51,6 @@ def read_bytes(url: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {url}") from None
-
-
-def is_export(data: bytes) -> bool:
-    """Whether ``data`` is a safetensors file whose metadata says it is our export."""
-    try:
-        n = int.from_bytes(data[:8], "little")
-        if not 0 < n < len(data):
-            return False
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return (header.get("__metadata__") or {}).get("format") == EXPORT_FORMAT
 
 
 def infer_config(state: dict[str, torch.Tensor], num_heads: int) -> SiTConfig:

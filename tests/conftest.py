@@ -36,6 +36,17 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 torch.set_num_threads(1)
 
 
+def set_environment(env: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (or, for None, remove) these variables; returns their previous values, to restore with the same call."""
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return saved
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE_DIR
@@ -45,16 +56,11 @@ def reference_dir() -> Path:
 def s3_endpoint():
     proc, endpoint = start_moto_server()
     env = s3_environment(endpoint)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = set_environment(env)
     yield endpoint
     proc.terminate()
     proc.wait(10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    set_environment(saved)
 
 
 @pytest.fixture
@@ -76,19 +82,14 @@ def gcs_proxy():
     proc, upstream = start_gcs_server(proxy.url)
     proxy.start(upstream)
     env = gcs_environment(proxy.url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = set_environment(env)
     saved_conf = fsspec.config.conf.get("gs")
     fsspec.config.conf["gs"] = {**(saved_conf or {}), "token": "anon"}  # fsspec read FSSPEC_* at import
     yield proxy
     proxy.stop()
     proc.terminate()
     proc.wait(10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    set_environment(saved)
     if saved_conf is None:
         fsspec.config.conf.pop("gs", None)
     else:
