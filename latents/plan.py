@@ -4,7 +4,9 @@ Pure functions of (shard sizes, seed, epoch, streams S, global batch B, window):
 clocks, no process ids - and neither the world size nor the DataLoader worker count, so a run
 can resume with other counts of both (elastic resume).
 
-1. Shards are permuted per (seed, epoch) and concatenated: the epoch's global sequence G.
+1. Shards are permuted per (seed, epoch) and concatenated: the epoch's global sequence G
+   (never built: `EpochPlan` holds the permutation and its running sums, O(shards), and
+   materialises one stream window at a time).
 2. The epoch has ``T = N // B`` steps. Stream s (of S) is the contiguous slice
    ``G[s*L : (s+1)*L]`` with ``L = T * g`` and ``g = B / S`` samples per stream per step; the last
    ``N - T*B`` samples of G (< B) wait for another epoch (G is permuted anew, so a different few).
@@ -40,11 +42,6 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
     return _rng(seed, epoch, 0x5A4D).permutation(num_shards)
 
 
-def global_sequence(first_sample: np.ndarray, num_samples: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Sample rows (into samples.parquet) of the shards in ``order``, concatenated."""
-    return np.concatenate([np.arange(first_sample[s], first_sample[s] + num_samples[s]) for s in order])
-
-
 def steps_per_epoch(total: int, global_batch: int) -> int:
     return total // global_batch
 
@@ -73,6 +70,73 @@ def stream_window(window_samples: int, samples_per_step: int) -> int:
     return max(samples_per_step, window_samples // samples_per_step * samples_per_step)
 
 
+class EpochPlan:
+    """One epoch's order, planned at shard granularity and materialised a window at a time.
+
+    Building it costs O(shards) (the shard permutation and its running sums); `window_rows`
+    costs O(window + log shards). No N-long array is ever built, so a worker's plan is small
+    whatever the dataset size. The order is exactly the one the module docstring defines.
+    """
+
+    def __init__(
+        self,
+        first_sample: np.ndarray,
+        num_samples: np.ndarray,
+        *,
+        seed: int,
+        epoch: int,
+        num_streams: int,
+        global_batch: int,
+        window: int,
+        shuffle: bool = True,
+    ):
+        if global_batch % num_streams:
+            raise ValueError(f"global batch {global_batch} is not a multiple of {num_streams} streams")
+        self.per_step = global_batch // num_streams  # g
+        if window % self.per_step:
+            raise ValueError(f"window {window} is not a multiple of the {self.per_step} samples per stream and step")
+        self.seed, self.epoch, self.num_streams, self.window, self.shuffle = seed, epoch, num_streams, window, shuffle
+        self.order = shard_order(len(num_samples), seed, epoch, shuffle)  # (shards,)
+        self.shard_first = np.asarray(first_sample, dtype=np.int64)[self.order]  # first row of each shard of G
+        counts = np.asarray(num_samples, dtype=np.int64)[self.order]
+        self.ends = np.cumsum(counts)  # position in G after each shard of the order
+        self.steps = steps_per_epoch(int(self.ends[-1]) if len(self.ends) else 0, global_batch)
+        self.length = self.steps * self.per_step  # L: samples of each stream
+        self.num_windows = -(-self.length // window)
+
+    def sequence(self, start: int, stop: int) -> np.ndarray:
+        """Rows (into samples.parquet) at positions [start, stop) of the epoch's sequence G."""
+        if stop <= start:
+            return np.empty(0, dtype=np.int64)
+        lo = int(np.searchsorted(self.ends, start, side="right"))  # shard of G holding position start
+        hi = int(np.searchsorted(self.ends, stop, side="left"))  # ... and stop - 1
+        begins = np.concatenate([[0], self.ends])
+        parts = [
+            np.arange(max(start, begins[i]), min(stop, begins[i + 1])) - begins[i] + self.shard_first[i]
+            for i in range(lo, hi + 1)
+        ]
+        return np.concatenate(parts).astype(np.int64, copy=False)
+
+    def window_rows(self, stream: int, w: int) -> np.ndarray:
+        """Rows of window ``w`` of ``stream``, shuffled: positions [w*window, (w+1)*window) of it."""
+        begin = stream * self.length + w * self.window
+        rows = self.sequence(begin, min(begin + self.window, (stream + 1) * self.length))
+        if self.shuffle:
+            rows = _rng(self.seed, self.epoch, self.num_streams, stream, w * self.window).permutation(rows)
+        return rows
+
+    def shards(self, streams) -> np.ndarray:
+        """Indices of the shards that ``streams`` read from this epoch, sorted: O(streams log shards)."""
+        found = []
+        for s in streams:
+            begin, stop = s * self.length, (s + 1) * self.length
+            if stop > begin:
+                lo = int(np.searchsorted(self.ends, begin, side="right"))
+                hi = int(np.searchsorted(self.ends, stop, side="left"))
+                found.append(self.order[lo : hi + 1])
+        return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+
+
 def epoch_streams(
     first_sample: np.ndarray,
     num_samples: np.ndarray,
@@ -86,22 +150,22 @@ def epoch_streams(
     shuffle: bool = True,
 ) -> np.ndarray:
     """Rows of the logical ``streams`` (of ``num_streams``) in the order they are emitted:
-    shape (len(streams), L); row i holds stream ``streams[i]``; ``window`` is a multiple of g."""
-    if global_batch % num_streams:
-        raise ValueError(f"global batch {global_batch} is not a multiple of {num_streams} streams")
-    per_step = global_batch // num_streams
-    if window % per_step:
-        raise ValueError(f"window {window} is not a multiple of the {per_step} samples per stream and step")
-    order = shard_order(len(num_samples), seed, epoch, shuffle)
-    sequence = global_sequence(first_sample, num_samples, order)
-    length = steps_per_epoch(len(sequence), global_batch) * per_step
-    out = np.empty((len(streams), length), dtype=np.int64)
+    shape (len(streams), L); row i holds stream ``streams[i]``; ``window`` is a multiple of g.
+    Whole streams at once (tests, tools); the reader walks an `EpochPlan` window by window."""
+    plan = EpochPlan(
+        first_sample,
+        num_samples,
+        seed=seed,
+        epoch=epoch,
+        num_streams=num_streams,
+        global_batch=global_batch,
+        window=window,
+        shuffle=shuffle,
+    )
+    out = np.empty((len(streams), plan.length), dtype=np.int64)
     for i, s in enumerate(streams):
-        rows = sequence[s * length : (s + 1) * length].copy()
-        if shuffle:
-            for w in range(0, length, window):
-                rows[w : w + window] = _rng(seed, epoch, num_streams, s, w).permutation(rows[w : w + window])
-        out[i] = rows
+        for w in range(plan.num_windows):
+            out[i, w * window : (w + 1) * window] = plan.window_rows(s, w)
     return out
 
 

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -49,9 +50,9 @@ from latents.format import (
     shard_name,
 )
 from latents.plan import (
+    EpochPlan,
     check_layout,
     default_streams,
-    epoch_streams,
     steps_per_epoch,
     stream_window,
     worker_streams,
@@ -62,6 +63,29 @@ from latents.threads import one_thread
 BAD_SHARD_POLICIES = ("fail", "skip")
 DEFAULT_WINDOW_BYTES = 64 << 20  # shuffle window per stream (compressed bytes); a worker holds two
 MAX_SKIP_RECORD = 1000  # (key, reason) pairs a loader keeps (and saves) of the samples it replaced
+
+
+_READ_COLUMNS = ("key", "label", "shard", "offset", "size", "flip_offset", "key_hash")
+
+
+@dataclass
+class _Rows:
+    """Sample-table columns of the shards one worker reads in one epoch, indexed by local row."""
+
+    first: np.ndarray  # (shards,) first global row of each shard (the manifest's)
+    base: np.ndarray  # (shards,) local row of each loaded shard's first sample; -1: not loaded
+    labels: np.ndarray
+    shard: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    flip_offset: np.ndarray
+    key_hash: np.ndarray
+    keys: pa.Array
+
+    def local(self, rows: np.ndarray) -> np.ndarray:
+        """Global sample rows -> local rows (every row's shard must be loaded)."""
+        shard = np.searchsorted(self.first, rows, side="right") - 1
+        return self.base[shard] + (rows - self.first[shard])
 
 
 @dataclass
@@ -152,16 +176,8 @@ class LatentDataset(IterableDataset):
                 f"{url}: {self.card.num_samples} samples are fewer than world_size * batch_size "
                 f"= {self.global_batch}: no rank would get a full batch"
             )
-        idx = self.index
-        self._first, self._count = idx.shard_column("first_sample"), idx.shard_column("num_samples")
-        self._labels, self._shard = idx.sample_column("label").astype(np.int64), idx.sample_column("shard")
-        self._offset, self._size, self._flip_offset = (
-            idx.sample_column("offset"),
-            idx.sample_column("size"),
-            idx.sample_column("flip_offset"),
-        )
-        self._key_hash = idx.sample_column("key_hash")
-        self._keys = idx.samples.column("key").combine_chunks()
+        self._first, self._count = self.index.shard_column("first_sample"), self.index.shard_column("num_samples")
+        self._rows: _Rows | None = None  # the sample rows of the shards this worker reads this epoch
         # set by LatentLoader (or by hand) before iterating
         self.epoch = 0
         self.start_batch = 0  # steps of this epoch already consumed
@@ -187,49 +203,84 @@ class LatentDataset(IterableDataset):
         if self.streams is None or self.window is None:
             self.set_layout(workers)
         mine = worker_streams(self.streams, self.world_size, self.rank, worker, workers)
-        rows = epoch_streams(
-            self._first,
-            self._count,
-            mine,
-            seed=self.seed,
-            epoch=self.epoch,
-            num_streams=self.streams,
-            global_batch=self.global_batch,
-            window=self.window,
-            shuffle=self.shuffle,
-        )  # (streams of this worker, L)
+        plan = self.plan(self.epoch)
         per_step = self.global_batch // self.streams
         steps_per_window = self.window // per_step
         windows = range(self.start_batch // steps_per_window, -(-self.num_batches // steps_per_window))
         if not len(windows):
             return
         self._last_good = None
+        self._rows = self.load_rows(plan, mine)
+
+        def rows_of(w: int) -> np.ndarray:  # (streams of this worker, window): local row numbers
+            width = min(self.window, plan.length - w * self.window)
+            return np.array([self._rows.local(plan.window_rows(s, w)) for s in mine], dtype=np.int64).reshape(-1, width)
+
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="latent-read") as pool:
-            pending = self._fetch(pool, rows[:, windows[0] * self.window : (windows[0] + 1) * self.window].ravel())
+            ahead = rows_of(windows[0])
+            pending = self._fetch(pool, ahead.ravel())
             for w in windows:
-                window_rows = rows[:, w * self.window : (w + 1) * self.window].ravel()
-                fetched = pending
+                rows, fetched = ahead, pending
+                window_rows = rows.ravel()
                 if w + 1 < windows.stop:  # read ahead while this window is decoded
-                    pending = self._fetch(pool, rows[:, (w + 1) * self.window : (w + 2) * self.window].ravel())
+                    ahead = rows_of(w + 1)
+                    pending = self._fetch(pool, ahead.ravel())
                 buffers, errors = self._collect(fetched)
                 first = max(self.start_batch, w * steps_per_window)
                 for t in range(first, min(self.num_batches, (w + 1) * steps_per_window)):
-                    piece = rows[:, t * per_step : (t + 1) * per_step].ravel()
-                    yield self._decode(piece, window_rows, buffers, errors)
+                    i = (t - w * steps_per_window) * per_step
+                    yield self._decode(rows[:, i : i + per_step].ravel(), window_rows, buffers, errors)
+        self._rows = None
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's order (see `latents.plan`): O(shards) to build."""
+        if self.streams is None or self.window is None:
+            self.set_layout(1)
+        return EpochPlan(
+            self._first,
+            self._count,
+            seed=self.seed,
+            epoch=epoch,
+            num_streams=self.streams,
+            global_batch=self.global_batch,
+            window=self.window,
+            shuffle=self.shuffle,
+        )
+
+    def load_rows(self, plan: EpochPlan, streams) -> _Rows:
+        """The sample rows of every shard ``streams`` read in ``plan``'s epoch: about
+        N / (world size x workers) rows per worker (plus the shards cut at stream ends)."""
+        shards = plan.shards(streams)
+        table = self.index.read_samples(shards, list(_READ_COLUMNS))
+        base = np.full(len(self._count), -1, dtype=np.int64)  # local row of each loaded shard's first sample
+        base[shards] = np.concatenate([[0], np.cumsum(self._count[shards])[:-1]]) if len(shards) else []
+        return _Rows(
+            first=self._first,
+            base=base,
+            labels=table.column("label").to_numpy().astype(np.int64),
+            shard=table.column("shard").to_numpy(),
+            offset=table.column("offset").to_numpy(),
+            size=table.column("size").to_numpy(),
+            flip_offset=table.column("flip_offset").to_numpy(),
+            key_hash=table.column("key_hash").to_numpy(),
+            keys=table.column("key").combine_chunks(),
+        )
 
     def _chunks(self, rows: np.ndarray) -> list[_Chunk]:
         """Split a window's rows into range requests: per shard, consecutive rows, <= chunk_bytes."""
         chunks = []
         rows = np.sort(rows)
-        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(self._shard[rows]) != 0)) + 1
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(self._rows.shard[rows]) != 0)) + 1
         for run in np.split(rows, breaks):
-            ends = self._offset[run] + self._size[run]
+            ends = self._rows.offset[run] + self._rows.size[run]
             lo = 0
             while lo < len(run):
-                limit = self._offset[run[lo]] + self.chunk_bytes
+                limit = self._rows.offset[run[lo]] + self.chunk_bytes
                 hi = max(lo + 1, int(np.searchsorted(ends, limit, side="right")))
                 chunks.append(
-                    _Chunk(int(self._shard[run[lo]]), run[lo:hi], int(self._offset[run[lo]]), int(ends[hi - 1]))
+                    _Chunk(
+                        int(self._rows.shard[run[lo]]), run[lo:hi], int(self._rows.offset[run[lo]]), int(ends[hi - 1])
+                    )
                 )
                 lo = hi
         return chunks
@@ -260,7 +311,7 @@ class LatentDataset(IterableDataset):
                 continue
             view = memoryview(data)  # slices below do not copy
             for row in chunk.rows.tolist():
-                if self._offset[row] + self._size[row] - chunk.start <= len(data):
+                if self._rows.offset[row] + self._rows.size[row] - chunk.start <= len(data):
                     buffers[row] = (view, chunk.start)
                     continue
                 reason = (
@@ -277,18 +328,20 @@ class LatentDataset(IterableDataset):
         if row in errors:
             return None
         data, base = buffers[row]
-        offset, size = int(self._offset[row]) - base, int(self._size[row])
+        offset, size = int(self._rows.offset[row]) - base, int(self._rows.size[row])
         try:
             return decode_frame(
-                flip_frame(data[offset : offset + size], flip, int(self._flip_offset[row])), self.spec, decompressor
+                flip_frame(data[offset : offset + size], flip, int(self._rows.flip_offset[row])),
+                self.spec,
+                decompressor,
             )
         except (ValueError, zstandard.ZstdError) as err:
-            key = self._keys[row].as_py()
-            errors[row] = f"{self.index.root.url_of(shard_name(int(self._shard[row])))}: sample {key}: {err}"
+            key = self._rows.keys[row].as_py()
+            errors[row] = f"{self.index.root.url_of(shard_name(int(self._rows.shard[row])))}: sample {key}: {err}"
             return None
 
     def _flip(self, rows: np.ndarray) -> np.ndarray:
-        return sample_flips(sample_seeds(self.seed, self.epoch, self._key_hash[rows])) & (
+        return sample_flips(sample_seeds(self.seed, self.epoch, self._rows.key_hash[rows])) & (
             self.random_flip and self.spec.flips
         )
 
@@ -315,12 +368,12 @@ class LatentDataset(IterableDataset):
             if frame is None:
                 if self.bad_shard == "fail":
                     raise ShardError(errors[row])
-                skipped.append((self._keys[row].as_py(), errors[row]))
+                skipped.append((self._rows.keys[row].as_py(), errors[row]))
                 rows[i], frame = self._replace(row, window_rows, buffers, errors, decompressor)
             stored[i] = frame
         if len(rows):
             self._last_good = (rows, stored[:1].copy())
-        seeds = sample_seeds(self.seed, self.epoch, self._key_hash[rows])
+        seeds = sample_seeds(self.seed, self.epoch, self._rows.key_hash[rows])
         flips = sample_flips(seeds) & (self.random_flip and spec.flips)
         stored_t = torch.from_numpy(stored)
         out = stored_t[:, 0].float()
@@ -333,9 +386,9 @@ class LatentDataset(IterableDataset):
             out.addcmul_(stored_t[:, 1].float(), eps)
         return {
             "latents": self.transform.to_model(out, inplace=True),
-            "labels": torch.from_numpy(self._labels[rows]),
+            "labels": torch.from_numpy(self._rows.labels[rows]),
             "flips": torch.from_numpy(flips),
-            "keys": self._keys.take(rows).to_pylist(),
+            "keys": self._rows.keys.take(rows).to_pylist(),
             "skipped": skipped,
         }
 
