@@ -119,6 +119,15 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+def key_hashes(keys) -> np.ndarray:
+    """`key_hash` of many keys (a list of str or an arrow string array) as one uint64 array:
+    the 8-byte digests are joined and read as little-endian, with no Python int per key."""
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = keys.to_pylist()
+    digests = b"".join(hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
 def check_key(key: str) -> str:
     if not KEY_PATTERN.match(key):
         raise ValueError(f"sample key {key!r} must match {KEY_PATTERN.pattern} (letters, digits, _ - /; no dots)")

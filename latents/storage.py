@@ -24,6 +24,7 @@ import glob
 import hashlib
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -244,18 +245,30 @@ class Root:
     def publish_bytes(self, name: str, data: bytes) -> None:
         """Atomically write ``data`` under ``name`` (see the module docstring for how, per backend)."""
         if self.is_local:
-            self._publish_local(name, data)
+            self._publish_local(name, lambda f: f.write(data))
             return
-        path, digest = self.full(name), None
+        self._publish_remote(name, lambda: self.fs.pipe_file(self.full(name), data), len(data), lambda: sha256(data))
+
+    def publish_file(self, name: str, local_path: str) -> None:
+        """Atomically publish the local file ``local_path`` under ``name``, streamed (never whole
+        in memory): like `publish_bytes`, with one upload (multipart when large) to object stores."""
+        if self.is_local:
+            with open(local_path, "rb") as src:
+                self._publish_local(name, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            return
+        put = lambda: self.fs.put_file(local_path, self.full(name))  # noqa: E731
+        self._publish_remote(name, put, os.path.getsize(local_path), lambda: _file_sha256(local_path))
+
+    def _publish_remote(self, name: str, put: Callable[[], None], size: int, digest: Callable[[], bytes]) -> None:
+        """``put()`` with retries; a transient error after which the object landed counts as done."""
         for attempt in range(1, self.attempts + 1):
             try:
-                self.fs.pipe_file(path, data)
+                put()
                 return
             except Exception as err:
                 if not is_transient(err):
                     _surface(err, f"writing {self.url_of(name)}")
-                digest = digest or hashlib.sha256(data).digest()
-                if self._landed(name, len(data), digest):  # the write went through; its answer was lost
+                if self._landed(name, size, digest()):  # the write went through; its answer was lost
                     log.warning("writing %s: %s, but the object is complete: done", self.url_of(name), describe(err))
                     return
                 if attempt == self.attempts:
@@ -275,14 +288,14 @@ class Root:
         except FileNotFoundError:
             return False
 
-    def _publish_local(self, name: str, data: bytes) -> None:
+    def _publish_local(self, name: str, write: Callable) -> None:
         final = self.full(name)
         directory = os.path.dirname(final)
         os.makedirs(directory, exist_ok=True)
         temp = f"{final}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
         try:
             with open(temp, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, final)
@@ -308,6 +321,15 @@ class Root:
             with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
                 os.remove(self.full(n))
         return stale
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _file_sha256(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _local_temporaries(final: str, root: str) -> list[str]:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -51,7 +54,7 @@ from latents.format import (
     decode_frame,
     encode_sample,
     flip_frame,
-    key_hash,
+    key_hashes,
     label_bytes,
     read_tar,
     shard_name,
@@ -210,7 +213,7 @@ def _first_frame_size(member: bytes) -> int:
 
 def finalize(
     root: Root | str,
-    shards: list[ShardInfo],
+    shards: Iterable[ShardInfo],
     *,
     spec: LatentSpec,
     resolution: int,
@@ -224,6 +227,13 @@ def finalize(
 ) -> DatasetCard:
     """Write samples.parquet, manifest.parquet and, last, card.json for committed shards.
 
+    ``shards``: the committed shards' `ShardInfo`, consumed once, streaming (a generator
+    yielding them in index order 0..n-1; a list may be in any order). Memory stays bounded
+    whatever the sample count: each shard becomes one row group of samples.parquet, written to
+    a local temporary file as it arrives; keys are checked for duplicates through their 64-bit
+    hashes (a local file, checked a bounded slice of hash values at a time), and only a hash seen
+    twice is looked up by key.
+
     The finalizer owns the whole dataset: it first sweeps every leftover temporary (of shards
     and index files) that killed writers left, so the finished dataset verifies clean.
     ``autoencoder`` is `latents.autoencoder.Autoencoder.identity` (its class and config hash are
@@ -234,74 +244,124 @@ def finalize(
         transform = LatentTransform(scale=1.0 if scaling_factor is None else scaling_factor)
     identity = {k: str((autoencoder or {}).get(k, "")) for k in ("class", "config_sha256")}
     root = Root(root) if isinstance(root, str) else root
-    shards = sorted(shards, key=lambda s: s.index)
-    indices = [s.index for s in shards]
-    if indices != list(range(len(shards))):
-        raise DatasetError(f"{root.url}: shard indices must be 0..{len(shards) - 1} once each, got {indices}")
-    keys = [k for s in shards for k in s.keys]
-    if len(set(keys)) != len(keys):
-        seen, dupes = set(), []
-        for k in keys:
-            if k in seen:
-                dupes.append(k)
-            seen.add(k)
-        raise DatasetError(f"{root.url}: duplicate sample keys: {dupes[:10]} ({len(dupes)} in all)")
-    labels = [label for s in shards for label in s.labels]
-    bad = [(k, lab) for k, lab in zip(keys, labels, strict=True) if not 0 <= lab < num_classes]
-    if bad:
-        raise DatasetError(f"{root.url}: labels outside [0, {num_classes}): {bad[:10]}")
+    if isinstance(shards, (list, tuple)):
+        shards = sorted(shards, key=lambda s: s.index)
+    c = spec.latent_shape[0]
+    sums, count = np.zeros((3, c)), 0  # latent mean, its square, posterior variance
+    manifest: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    with tempfile.TemporaryDirectory(prefix="sit-finalize-") as tmp:
+        samples_path, hashes_path = os.path.join(tmp, SAMPLES_NAME), os.path.join(tmp, "key_hashes")
+        with pq.ParquetWriter(samples_path, SAMPLE_SCHEMA, **SAMPLES_PARQUET) as table, open(hashes_path, "wb") as hf:
+            for info in shards:
+                expected = len(manifest["shard"])
+                if info.index != expected:
+                    raise DatasetError(
+                        f"{root.url}: shard indices must be 0..n-1 once each, in order: "
+                        f"got shard {info.index} where shard {expected} was due"
+                    )
+                rows = _sample_rows(info, num_classes, root)
+                table.write_table(rows, row_group_size=max(1, rows.num_rows))
+                hf.write(rows.column("key_hash").to_numpy().tobytes())
+                for name, value in (
+                    ("shard", info.index),
+                    ("name", info.name),
+                    ("num_samples", info.num_samples),
+                    ("bytes", info.num_bytes),
+                    ("sha256", info.sha256),
+                    ("first_sample", sum(manifest["num_samples"])),
+                ):
+                    manifest[name].append(value)
+                sums += np.stack([info.sum_mean, info.sum_sq, info.sum_var])
+                count += info.count
+        if not manifest["shard"]:
+            raise DatasetError(f"{root.url}: shard indices must be 0..n-1 once each, got none")
+        dupes = _duplicate_keys(samples_path, _repeated_hashes(hashes_path))
+        if dupes:
+            raise DatasetError(f"{root.url}: duplicate sample keys: {dupes[:10]} ({len(dupes)} in all)")
+        mean = sums[0] / count
+        var = sums[1] / count - mean**2 + sums[2] / count
+        card = DatasetCard(
+            resolution=int(resolution),
+            latent_shape=list(spec.latent_shape),
+            stored=spec.stored,
+            flips=spec.flips,
+            vae=vae,
+            autoencoder=identity,
+            transform=transform.to_dict(),
+            num_classes=int(num_classes),
+            num_samples=int(sum(manifest["num_samples"])),
+            num_shards=len(manifest["shard"]),
+            total_bytes=int(sum(manifest["bytes"])),
+            channel_mean=[float(v) for v in mean],
+            channel_std=[float(v) for v in np.sqrt(np.maximum(var, 0))],
+            source_fingerprint=source_fingerprint,
+            tool_version=tool_version(),
+            extra=extra or {},
+        )
+        stale_shards = {n[: n.index(TEMP_MARK)] for n in root.list(SHARD_DIR) if TEMP_MARK in n}
+        root.sweep_temporaries([*sorted(stale_shards), *INDEX_NAMES, REJECTS_NAME])
+        root.publish_file(SAMPLES_NAME, samples_path)
+    root.publish_bytes(MANIFEST_NAME, _parquet_bytes(pa.table(manifest, schema=SHARD_SCHEMA)))
+    root.publish_bytes(CARD_NAME, card.to_json().encode())
+    return card
 
-    samples = pa.table(
+
+# samples.parquet: one row group per shard (readers fetch only the shards they need); no
+# column statistics (they would make the footer, which every reader fetches, grow with keys)
+SAMPLES_PARQUET = {"compression": "zstd", "write_statistics": False}
+HASHES_PER_PASS = 4 << 20  # key hashes checked for duplicates at a time (32 MiB)
+
+
+def _sample_rows(info: ShardInfo, num_classes: int, root: Root) -> pa.Table:
+    """One shard's samples.parquet rows, with its labels checked and its keys hashed."""
+    labels = np.asarray(info.labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        pairs = [(info.keys[i], int(labels[i])) for i in bad[:10]]
+        raise DatasetError(f"{root.url}: labels outside [0, {num_classes}) in shard {info.index}: {pairs}")
+    keys = pa.array(info.keys, pa.string())
+    return pa.table(
         {
             "key": keys,
-            "label": labels,
-            "shard": [s.index for s in shards for _ in s.keys],
-            "offset": [o for s in shards for o in s.offsets],
-            "size": [z for s in shards for z in s.sizes],
-            "flip_offset": [f for s in shards for f in s.flip_offsets],
-            "key_hash": [key_hash(k) for k in keys],
+            "label": pa.array(labels, pa.int32()),
+            "shard": pa.array(np.full(len(labels), info.index, dtype=np.int32)),
+            "offset": pa.array(info.offsets, pa.int64()),
+            "size": pa.array(info.sizes, pa.int32()),
+            "flip_offset": pa.array(info.flip_offsets, pa.int32()),
+            "key_hash": pa.array(key_hashes(keys), pa.uint64()),
         },
         schema=SAMPLE_SCHEMA,
     )
-    first = np.cumsum([0] + [s.num_samples for s in shards])[:-1]
-    manifest = pa.table(
-        {
-            "shard": indices,
-            "name": [s.name for s in shards],
-            "num_samples": [s.num_samples for s in shards],
-            "bytes": [s.num_bytes for s in shards],
-            "sha256": [s.sha256 for s in shards],
-            "first_sample": first.tolist(),
-        },
-        schema=SHARD_SCHEMA,
-    )
-    count = sum(s.count for s in shards)
-    mean = sum(s.sum_mean for s in shards) / count
-    var = sum(s.sum_sq for s in shards) / count - mean**2 + sum(s.sum_var for s in shards) / count
-    card = DatasetCard(
-        resolution=int(resolution),
-        latent_shape=list(spec.latent_shape),
-        stored=spec.stored,
-        flips=spec.flips,
-        vae=vae,
-        autoencoder=identity,
-        transform=transform.to_dict(),
-        num_classes=int(num_classes),
-        num_samples=len(keys),
-        num_shards=len(shards),
-        total_bytes=int(sum(s.num_bytes for s in shards)),
-        channel_mean=[float(v) for v in mean],
-        channel_std=[float(v) for v in np.sqrt(np.maximum(var, 0))],
-        source_fingerprint=source_fingerprint,
-        tool_version=tool_version(),
-        extra=extra or {},
-    )
-    stale_shards = {n[: n.index(TEMP_MARK)] for n in root.list(SHARD_DIR) if TEMP_MARK in n}
-    root.sweep_temporaries([*sorted(stale_shards), *INDEX_NAMES, REJECTS_NAME])
-    root.publish_bytes(SAMPLES_NAME, _parquet_bytes(samples))
-    root.publish_bytes(MANIFEST_NAME, _parquet_bytes(manifest))
-    root.publish_bytes(CARD_NAME, card.to_json().encode())
-    return card
+
+
+def _repeated_hashes(path: str) -> np.ndarray:
+    """Hash values that occur more than once in the raw uint64 file ``path``: one pass per
+    HASHES_PER_PASS values, each keeping the hashes that fall in its residue class."""
+    total = os.path.getsize(path) // 8
+    passes = max(1, -(-total // HASHES_PER_PASS))
+    repeated = []
+    for p in range(passes):
+        part = []
+        for start in range(0, total, HASHES_PER_PASS):
+            chunk = np.fromfile(path, dtype=np.uint64, count=HASHES_PER_PASS, offset=start * 8)
+            part.append(chunk[chunk % np.uint64(passes) == p] if passes > 1 else chunk)
+        values = np.sort(np.concatenate(part))
+        repeated.append(np.unique(values[1:][values[1:] == values[:-1]]))
+    return np.concatenate(repeated)
+
+
+def _duplicate_keys(samples_path: str, hashes: np.ndarray) -> list[str]:
+    """Keys that occur more than once among the rows whose key hash is in ``hashes`` (sorted)."""
+    if not len(hashes):
+        return []
+    counts: dict[str, int] = {}
+    pf = pq.ParquetFile(samples_path)
+    for g in range(pf.num_row_groups):
+        rows = pf.read_row_group(g, columns=["key", "key_hash"], use_threads=False)
+        hit = np.isin(rows.column("key_hash").to_numpy(), hashes)
+        for key in rows.column("key").filter(pa.array(hit)).to_pylist():
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(k for k, n in counts.items() if n > 1)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -317,6 +377,8 @@ class DatasetWriter:
     `LatentSpec.samples_per_shard`). A shard already committed under its name is adopted, not
     rewritten, if it holds the same keys; so a rerun after a crash rewrites only what is missing.
     The card is written on a clean exit only: an exception leaves the dataset incomplete.
+    Memory stays bounded: each flushed shard's `ShardInfo` goes to a local temporary file, and
+    `finalize` streams them back.
     """
 
     def __init__(
@@ -349,7 +411,8 @@ class DatasetWriter:
             "source_fingerprint": source_fingerprint,
             "extra": extra,
         }
-        self.shards: list[ShardInfo] = []
+        self.num_shards = 0  # shards flushed so far
+        self._spill = None  # their ShardInfo, pickled to a local temporary file (opened by __enter__)
         self.adopted: list[int] = []  # shards found committed and kept
         self._pending: list[tuple[str, int, np.ndarray]] = []
         self.card: DatasetCard | None = None
@@ -357,6 +420,7 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         if self.root.exists(CARD_NAME):
             raise DatasetError(f"{self.root.url}: a complete dataset is already there (card.json exists)")
+        self._spill = tempfile.TemporaryFile(prefix="sit-shard-infos-")  # closed by __exit__
         return self
 
     def add(self, key: str, label: int, array: np.ndarray) -> None:
@@ -367,7 +431,7 @@ class DatasetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        index = len(self.shards)
+        index = self.num_shards
         if shard_committed(self.root, index):
             info = read_shard_info(self.root, index, self.spec)
             expected = [k for k, _, _ in self._pending]
@@ -379,15 +443,23 @@ class DatasetWriter:
             self.adopted.append(index)
         else:
             info = write_shard(self.root, index, self._pending, self.spec)
-        self.shards.append(info)
+        pickle.dump(info, self._spill, protocol=pickle.HIGHEST_PROTOCOL)
+        self.num_shards += 1
         self._pending = []
 
+    def _shard_infos(self) -> Iterator[ShardInfo]:
+        """The flushed shards' `ShardInfo`, in index order, read back one at a time."""
+        self._spill.seek(0)
+        for _ in range(self.num_shards):
+            yield pickle.load(self._spill)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            return False
-        if self._pending:
-            self._flush()
-        if not self.shards:
-            raise DatasetError(f"{self.root.url}: no samples were added")
-        self.card = finalize(self.root, self.shards, spec=self.spec, **self.card_fields)
+        with self._spill:
+            if exc_type is not None:
+                return False
+            if self._pending:
+                self._flush()
+            if not self.num_shards:
+                raise DatasetError(f"{self.root.url}: no samples were added")
+            self.card = finalize(self.root, self._shard_infos(), spec=self.spec, **self.card_fields)
         return False

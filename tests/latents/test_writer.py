@@ -86,6 +86,8 @@ def test_parallel_path_and_duplicate_keys(tmp_path, samples):
         finalize(str(tmp_path / "dup"), [dup], spec=SPEC, resolution=64, vae="v", scaling_factor=0.5, num_classes=10)
     with pytest.raises(DatasetError, match="shard indices"):
         finalize(url, infos[:1], spec=SPEC, resolution=64, vae="v", scaling_factor=0.5, num_classes=10)
+    with pytest.raises(DatasetError, match="got shard 1 where shard 0 was due"):  # a stream must come in order
+        finalize(url, iter(infos), spec=SPEC, resolution=64, vae="v", scaling_factor=0.5, num_classes=10)
 
 
 def test_card_statistics(tmp_path):
@@ -103,13 +105,17 @@ def test_card_statistics(tmp_path):
 
 def test_publication_order_card_last(tmp_path, samples, monkeypatch):
     published = []
-    real = Root.publish_bytes
+    real_bytes, real_file = Root.publish_bytes, Root.publish_file
 
-    def recording(self, name, data):
-        real(self, name, data)
-        published.append(name)
+    def recording(real):
+        def publish(self, name, data):
+            real(self, name, data)
+            published.append(name)
 
-    monkeypatch.setattr(Root, "publish_bytes", recording)
+        return publish
+
+    monkeypatch.setattr(Root, "publish_bytes", recording(real_bytes))
+    monkeypatch.setattr(Root, "publish_file", recording(real_file))  # samples.parquet: streamed from a file
     write_dataset(str(tmp_path / "ds"), samples)
     assert published[:6] == [shard_name(i) for i in range(6)]
     assert published[6:] == ["samples.parquet", "manifest.parquet", CARD_NAME]
