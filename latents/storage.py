@@ -328,8 +328,11 @@ def sha256(data: bytes) -> bytes:
 
 
 def _file_sha256(path: str) -> bytes:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.digest()
 
 
 def _local_temporaries(final: str, root: str) -> list[str]:

@@ -60,6 +60,7 @@ from latents.format import (
     shard_name,
     tar_header,
 )
+from latents.keys import HashLog, duplicate_keys
 from latents.storage import TEMP_MARK, Root
 
 
@@ -231,8 +232,7 @@ def finalize(
     yielding them in index order 0..n-1; a list may be in any order). Memory stays bounded
     whatever the sample count: each shard becomes one row group of samples.parquet, written to
     a local temporary file as it arrives; keys are checked for duplicates through their 64-bit
-    hashes (a local file, checked a bounded slice of hash values at a time), and only a hash seen
-    twice is looked up by key.
+    hashes (`latents.keys`).
 
     The finalizer owns the whole dataset: it first sweeps every leftover temporary (of shards
     and index files) that killed writers left, so the finished dataset verifies clean.
@@ -248,10 +248,11 @@ def finalize(
         shards = sorted(shards, key=lambda s: s.index)
     c = spec.latent_shape[0]
     sums, count = np.zeros((3, c)), 0  # latent mean, its square, posterior variance
+    num_samples = 0
     manifest: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
     with tempfile.TemporaryDirectory(prefix="sit-finalize-") as tmp:
-        samples_path, hashes_path = os.path.join(tmp, SAMPLES_NAME), os.path.join(tmp, "key_hashes")
-        with pq.ParquetWriter(samples_path, SAMPLE_SCHEMA, **SAMPLES_PARQUET) as table, open(hashes_path, "wb") as hf:
+        samples_path = os.path.join(tmp, SAMPLES_NAME)
+        with pq.ParquetWriter(samples_path, SAMPLE_SCHEMA, **SAMPLES_PARQUET) as table, HashLog() as hashes:
             for info in shards:
                 expected = len(manifest["shard"])
                 if info.index != expected:
@@ -261,21 +262,25 @@ def finalize(
                     )
                 rows = _sample_rows(info, num_classes, root)
                 table.write_table(rows, row_group_size=max(1, rows.num_rows))
-                hf.write(rows.column("key_hash").to_numpy().tobytes())
+                hashes.add(rows.column("key_hash").to_numpy())
                 for name, value in (
                     ("shard", info.index),
                     ("name", info.name),
                     ("num_samples", info.num_samples),
                     ("bytes", info.num_bytes),
                     ("sha256", info.sha256),
-                    ("first_sample", sum(manifest["num_samples"])),
+                    ("first_sample", num_samples),
                 ):
                     manifest[name].append(value)
+                num_samples += info.num_samples
                 sums += np.stack([info.sum_mean, info.sum_sq, info.sum_var])
                 count += info.count
+            repeated = hashes.repeated()
         if not manifest["shard"]:
             raise DatasetError(f"{root.url}: shard indices must be 0..n-1 once each, got none")
-        dupes = _duplicate_keys(samples_path, _repeated_hashes(hashes_path))
+        pf = pq.ParquetFile(samples_path)
+        groups = (pf.read_row_group(g, ["key", "key_hash"], use_threads=False) for g in range(pf.num_row_groups))
+        dupes = duplicate_keys(groups, repeated)
         if dupes:
             raise DatasetError(f"{root.url}: duplicate sample keys: {dupes[:10]} ({len(dupes)} in all)")
         mean = sums[0] / count
@@ -289,7 +294,7 @@ def finalize(
             autoencoder=identity,
             transform=transform.to_dict(),
             num_classes=int(num_classes),
-            num_samples=int(sum(manifest["num_samples"])),
+            num_samples=num_samples,
             num_shards=len(manifest["shard"]),
             total_bytes=int(sum(manifest["bytes"])),
             channel_mean=[float(v) for v in mean],
@@ -309,7 +314,6 @@ def finalize(
 # samples.parquet: one row group per shard (readers fetch only the shards they need); no
 # column statistics (they would make the footer, which every reader fetches, grow with keys)
 SAMPLES_PARQUET = {"compression": "zstd", "write_statistics": False}
-HASHES_PER_PASS = 4 << 20  # key hashes checked for duplicates at a time (32 MiB)
 
 
 def _sample_rows(info: ShardInfo, num_classes: int, root: Root) -> pa.Table:
@@ -332,36 +336,6 @@ def _sample_rows(info: ShardInfo, num_classes: int, root: Root) -> pa.Table:
         },
         schema=SAMPLE_SCHEMA,
     )
-
-
-def _repeated_hashes(path: str) -> np.ndarray:
-    """Hash values that occur more than once in the raw uint64 file ``path``: one pass per
-    HASHES_PER_PASS values, each keeping the hashes that fall in its residue class."""
-    total = os.path.getsize(path) // 8
-    passes = max(1, -(-total // HASHES_PER_PASS))
-    repeated = []
-    for p in range(passes):
-        part = []
-        for start in range(0, total, HASHES_PER_PASS):
-            chunk = np.fromfile(path, dtype=np.uint64, count=HASHES_PER_PASS, offset=start * 8)
-            part.append(chunk[chunk % np.uint64(passes) == p] if passes > 1 else chunk)
-        values = np.sort(np.concatenate(part))
-        repeated.append(np.unique(values[1:][values[1:] == values[:-1]]))
-    return np.concatenate(repeated)
-
-
-def _duplicate_keys(samples_path: str, hashes: np.ndarray) -> list[str]:
-    """Keys that occur more than once among the rows whose key hash is in ``hashes`` (sorted)."""
-    if not len(hashes):
-        return []
-    counts: dict[str, int] = {}
-    pf = pq.ParquetFile(samples_path)
-    for g in range(pf.num_row_groups):
-        rows = pf.read_row_group(g, columns=["key", "key_hash"], use_threads=False)
-        hit = np.isin(rows.column("key_hash").to_numpy(), hashes)
-        for key in rows.column("key").filter(pa.array(hit)).to_pylist():
-            counts[key] = counts.get(key, 0) + 1
-    return sorted(k for k, n in counts.items() if n > 1)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -119,3 +119,15 @@ def test_publication_order_card_last(tmp_path, samples, monkeypatch):
     write_dataset(str(tmp_path / "ds"), samples)
     assert published[:6] == [shard_name(i) for i in range(6)]
     assert published[6:] == ["samples.parquet", "manifest.parquet", CARD_NAME]
+
+
+def test_duplicate_keys_across_shards_are_found_in_bounded_passes(tmp_path, samples, monkeypatch):
+    import latents.keys
+
+    monkeypatch.setattr(latents.keys, "HASHES_PER_PASS", 7)  # 100 hashes: 15 passes over the hash file
+    items = [(k, lab, a) for k, (lab, a) in samples.items()]
+    items[90] = (items[3][0], *items[90][1:])  # shard 4 repeats a key of shard 0
+    url = str(tmp_path / "ds")
+    infos = (write_shard(url, i, items[i * 20 : (i + 1) * 20], SPEC) for i in range(5))  # streamed, once
+    with pytest.raises(DatasetError, match=r"duplicate sample keys: \['img/00003'\] \(1 in all\)"):
+        finalize(url, infos, spec=SPEC, resolution=64, vae="v", scaling_factor=0.5, num_classes=10)
