@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from latents.autoencoder import LatentNorm, LatentTransform
 from latents.dataset import LatentIndex
 from latents.format import (
+    SAMPLES_NAME,
     STORED_POSTERIOR,
+    DatasetError,
     ShardError,
     decode_frame,
     flip_frame,
@@ -251,7 +253,10 @@ class LatentDataset(IterableDataset):
         """The sample rows of every shard ``streams`` read in ``plan``'s epoch: about
         N / (world size x workers) rows per worker (plus the shards cut at stream ends)."""
         shards = plan.shards(streams)
-        table = self.index.read_samples(shards, list(_READ_COLUMNS))
+        try:
+            table = self.index.read_samples(shards, list(_READ_COLUMNS))
+        except StorageError as err:
+            raise DatasetError(f"{self.index.root.url_of(SAMPLES_NAME)}: unreadable: {err}") from None
         base = np.full(len(self._count), -1, dtype=np.int64)  # local row of each loaded shard's first sample
         base[shards] = np.concatenate([[0], np.cumsum(self._count[shards])[:-1]]) if len(shards) else []
         return _Rows(

@@ -14,8 +14,11 @@ left; they never carry a final name, so the dataset is intact. ``strict`` makes 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +33,10 @@ from latents.format import (
     DatasetError,
     decode_frame,
     flip_frame,
-    key_hash,
+    key_hashes,
     read_tar,
 )
+from latents.keys import HashLog, duplicate_keys
 from latents.storage import TEMP_MARK
 
 
@@ -43,11 +47,18 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)  # leftover temporaries: harmless, removable
     shards_checked: int = 0
     samples_checked: int = 0
+    bytes_checked: int = 0  # shard bytes read and hashed
+    seconds: float = 0.0  # wall time of the whole check
     rejected: int | None = None  # rows of rejects.parquet, if the encode job wrote one
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def mb_per_s(self) -> float:
+        """Shard bytes checked per second (MB = 10^6 bytes)."""
+        return self.bytes_checked / 1e6 / max(self.seconds, 1e-9)
 
 
 def verify(
@@ -55,23 +66,17 @@ def verify(
 ) -> VerifyReport:
     """Check the dataset at ``url`` and report every problem found in its shards and samples.
 
+    ``workers`` processes check shards in parallel (forked, so they share this process's
+    filesystem registrations; 1: in this process). Memory is bounded whatever the sample count:
+    a worker holds one shard and its sample rows; this process, the manifest and a file of key
+    hashes (see `latents.keys`).
+
     Raises `DatasetError` (one message) if the dataset cannot be opened at all: no card, a bad
     card, an unreadable or inconsistent index. ``strict``: leftover temporary files are
     problems, not warnings."""
+    started = time.perf_counter()
     report = VerifyReport(url)
     index = LatentIndex.open(url, storage_options)
-    keys = index.samples.column("key").to_pylist()
-    counts: dict[str, int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    dupes = sorted(k for k, n in counts.items() if n > 1)
-    if dupes:
-        report.problems.append(f"duplicate keys in {url}/samples.parquet: {dupes[:20]} ({len(dupes)} in all)")
-    hashes = index.sample_column("key_hash")
-    wrong = [k for k, h in zip(keys, hashes.tolist(), strict=True) if key_hash(k) != h]
-    if wrong:
-        report.problems.append(f"wrong key_hash for keys {wrong[:20]} ({len(wrong)} in all)")
-
     try:
         rejects = read_rejects(index.root)
         report.rejected = None if rejects is None else rejects.num_rows
@@ -87,31 +92,93 @@ def verify(
         else:
             report.problems.append(f"{index.root.url_of(name)}: shard file not in the manifest")
 
-    def check(i: int) -> list[str]:
-        return _check_shard(index, i, names[i] in present)
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # zstd and sha256 release the GIL
-        for i, problems in enumerate(pool.map(check, range(len(names)))):
-            report.problems.extend(problems)
+    wrong_hash, wrong_count = [], 0
+    with HashLog() as hashes, _pool(workers, index) as pool:
+        tasks = [(i, names[i] in present) for i in range(len(names))]
+        for i, result in enumerate(pool.map(_check_shard_task, tasks)):
+            report.problems.extend(result.problems)
+            wrong_hash.extend(result.wrong_hash[: 20 - len(wrong_hash)])
+            wrong_count += result.wrong_count
+            hashes.add(result.key_hashes)
             report.shards_checked += 1
-            report.samples_checked += int(index.shard_column("num_samples")[i])
+            report.samples_checked += len(result.key_hashes)
+            report.bytes_checked += result.bytes_read
             if progress:
                 print(f"\rverified {i + 1}/{len(names)} shards", end="", file=sys.stderr, flush=True)
+        repeated = hashes.repeated()
     if progress:
         print(file=sys.stderr)
+    samples = f"{url}/samples.parquet"
+    if wrong_count:
+        report.problems.insert(0, f"wrong key_hash for keys {wrong_hash[:20]} ({wrong_count} in all)")
+    dupes = duplicate_keys((t for _, t in index.iter_samples(["key", "key_hash"])), repeated)
+    if dupes:
+        report.problems.insert(0, f"duplicate keys in {samples}: {dupes[:20]} ({len(dupes)} in all)")
+    report.seconds = time.perf_counter() - started
     return report
 
 
-def _check_shard(index: LatentIndex, i: int, exists: bool) -> list[str]:
+@dataclass
+class _ShardResult:
+    problems: list[str]
+    key_hashes: np.ndarray  # the table's hashes of the shard's keys
+    wrong_hash: list[str]  # keys whose recorded hash is not their key_hash (first 20)
+    wrong_count: int
+    bytes_read: int
+
+
+_INDEX: LatentIndex | None = None  # the index a worker checks shards of (set before the fork)
+
+
+@contextmanager
+def _pool(workers: int, index: LatentIndex):
+    """An executor whose ``map`` runs `_check_shard_task`: ``workers`` forked processes, or this one."""
+    global _INDEX
+    _INDEX = index
+    try:
+        if workers <= 1:
+            yield _Serial()
+            return
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            yield pool
+    finally:
+        _INDEX = None
+
+
+class _Serial:
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
+
+
+def _check_shard_task(task: tuple[int, bool]) -> _ShardResult:
+    i, exists = task
+    return _check_shard(_INDEX, i, exists)
+
+
+def _check_shard(index: LatentIndex, i: int, exists: bool) -> _ShardResult:
     root, spec = index.root, index.card.spec
     row = index.shards.slice(i, 1).to_pylist()[0]
     url = root.url_of(row["name"])
+    rows = index.read_samples([i])
+    keys = rows.column("key").combine_chunks()
+    recorded = rows.column("key_hash").to_numpy()
+    wrong = np.flatnonzero(key_hashes(keys) != recorded)
+    result = _ShardResult([], recorded, [keys[int(j)].as_py() for j in wrong[:20]], len(wrong), 0)
     if not exists:
-        return [f"{url}: missing ({row['num_samples']} samples)"]
+        result.problems.append(f"{url}: missing ({row['num_samples']} samples)")
+        return result
     try:
         data = root.read_bytes(row["name"])
     except OSError as err:
-        return [f"{url}: unreadable: {err}"]
+        result.problems.append(f"{url}: unreadable: {err}")
+        return result
+    result.bytes_read = len(data)
+    result.problems.extend(_check_bytes(data, row, rows.to_pydict(), url, spec))
+    return result
+
+
+def _check_bytes(data: bytes, row: dict, table: dict, url: str, spec) -> list[str]:
     problems = []
     if len(data) != row["bytes"]:
         problems.append(f"{url}: size {len(data)} bytes, manifest says {row['bytes']} (truncated or replaced)")
@@ -119,8 +186,6 @@ def _check_shard(index: LatentIndex, i: int, exists: bool) -> list[str]:
     if digest != row["sha256"]:
         problems.append(f"{url}: sha256 {digest[:16]}... does not match the manifest's {row['sha256'][:16]}...")
 
-    first, n = row["first_sample"], row["num_samples"]
-    table = index.samples.slice(first, n).to_pydict()
     try:
         members = {m.name: m for m in read_tar(data)}
     except ValueError as err:

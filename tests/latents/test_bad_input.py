@@ -219,7 +219,8 @@ def test_retry_is_bounded_and_names_what_failed():
 
 @pytest.mark.slow
 def test_unreachable_store_gives_an_error_naming_the_shard(tmp_path):
-    """The object store goes away mid-job: bounded retries, then an error naming the shard."""
+    """The object store goes away mid-job: bounded retries, then an error naming the object (a shard, or
+    samples.parquet: a worker reads its shards' sample rows when its epoch starts)."""
     import os
 
     from tests.moto_s3 import start_moto_server
@@ -238,7 +239,8 @@ def test_unreachable_store_gives_an_error_naming_the_shard(tmp_path):
         ds = LatentDataset(url, 5, retries=2, storage_options=fast_fail)
         proc.terminate()
         proc.wait(10)
-        with pytest.raises(ShardError, match=r"s3://gone-bucket/ds/shards/00000\d\.tar: unreadable: .*2 attempts"):
+        named = r"s3://gone-bucket/ds/(shards/00000\d\.tar|samples\.parquet): unreadable: .*2 attempts"
+        with pytest.raises(DatasetError, match=named):
             list(LatentLoader(ds))
     finally:
         proc.kill()
