@@ -93,7 +93,7 @@ def verify(
             report.problems.append(f"{index.root.url_of(name)}: shard file not in the manifest")
 
     wrong_hash, wrong_count = [], 0
-    with HashLog() as hashes, _pool(workers, index) as pool:
+    with HashLog() as hashes, _pool(min(workers, len(names)), index) as pool:
         tasks = [(i, names[i] in present) for i in range(len(names))]
         for i, result in enumerate(pool.map(_check_shard_task, tasks)):
             report.problems.extend(result.problems)
