@@ -383,12 +383,54 @@ def tar_header(name: str, size: int) -> bytes:
 
 
 def read_tar(data: bytes) -> list[TarMember]:
-    """The regular-file members of a tar archive, in order. Raises ValueError if it is not one."""
+    """The regular-file members of a tar archive, in order. Raises ValueError if it is not one.
+
+    Plain ustar archives (what our writers produce) are walked directly, with every header's
+    checksum checked at once; anything else - other member types, pax or GNU headers, a bad
+    checksum, a truncated archive - goes to `tarfile`, which gives the same members or the error."""
+    members = _plain_ustar(data)
+    if members is not None:
+        return members
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             return [TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except tarfile.TarError as err:
         raise ValueError(f"not a readable tar ({err})") from None
+
+
+_USTAR_MAGIC = b"ustar\x0000"
+
+
+def _plain_ustar(data: bytes) -> list[TarMember] | None:
+    """The members of a plain ustar archive of regular files, or None if ``data`` is not one."""
+    members, positions, checksums, pos = [], [], [], 0
+    while True:
+        if pos + TAR_BLOCK > len(data):
+            return None  # no end-of-archive block
+        header = data[pos : pos + TAR_BLOCK]
+        if header[0] == 0:
+            if header.count(0) != TAR_BLOCK:
+                return None
+            break
+        if header[257:265] != _USTAR_MAGIC or header[156:157] not in (b"0", b"\0") or header[345] != 0:
+            return None  # another member type, or a name split into prefix/name
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            checksums.append(int(header[148:156].rstrip(b"\0 "), 8))
+            name = header[:100].split(b"\0", 1)[0].decode()
+        except ValueError:  # also UnicodeDecodeError
+            return None
+        if name.endswith("/") or pos + TAR_BLOCK + size > len(data):
+            return None
+        positions.append(pos)
+        members.append(TarMember(name, pos + TAR_BLOCK, size))
+        pos += TAR_BLOCK + size + (-size % TAR_BLOCK)
+    if members:
+        blocks = np.frombuffer(data, np.uint8)[np.array(positions)[:, None] + np.arange(TAR_BLOCK)]  # (members, 512)
+        sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+        if not np.array_equal(sums, checksums):
+            return None
+    return members
 
 
 # ---- per-sample randomness ----------------------------------------------------------------------

@@ -207,3 +207,37 @@ def test_spec_per_sample_seed_flip_and_noise_seed():
         assert got.tolist() == expected
         assert sample_flips(got).tolist() == [bool(x >> 63) for x in expected]
     assert 16 < sample_flips(sample_seeds(0, 0, hashes)).sum() < 48  # about half flipped
+
+
+def test_read_tar_fast_path_agrees_with_tarfile():
+    import io
+    import tarfile
+
+    from latents.format import _plain_ustar, read_tar
+
+    def archive(fmt, names) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for i, name in enumerate(names):
+                info = tarfile.TarInfo(name)
+                info.size = (i + 1) * 300
+                tar.addfile(info, io.BytesIO(bytes(range(256)) * 4))
+        return buf.getvalue()
+
+    def by_tarfile(data):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+    plain = archive(tarfile.USTAR_FORMAT, ["a.latents.zst", "a.cls", "b/c.cls"])
+    assert _plain_ustar(plain) is not None and read_tar(plain) == by_tarfile(plain)
+    pax = archive(tarfile.PAX_FORMAT, ["é" * 10 + ".cls", "x.cls"])  # a pax header: tarfile reads it
+    assert _plain_ustar(pax) is None and read_tar(pax) == by_tarfile(pax)
+    bad = bytearray(plain)
+    bad[520] ^= 1  # data of the first member: still a tar
+    assert read_tar(bytes(bad)) == by_tarfile(plain)
+    bad[3] ^= 1  # a header byte: its checksum no longer matches
+    assert _plain_ustar(bytes(bad)) is None
+    with pytest.raises(ValueError, match="not a readable tar"):
+        read_tar(bytes(bad))
+    with pytest.raises(ValueError, match="not a readable tar"):
+        read_tar(plain[:700])  # truncated in the first member's data

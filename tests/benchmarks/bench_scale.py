@@ -1,0 +1,201 @@
+"""Index, writer, verifier and reader at ImageNet scale and beyond, on tiny latents.
+
+For each N (default 1.28M and 5M) a dataset of N tiny-latent samples (1x1x1, one sampled
+latent, no flip: 2 KiB of tar per sample) is built in a temporary folder - shards laid out by
+`tests.latents.fast_shards` (the bytes `write_shard` writes), the index written by the real
+`latents.writer.finalize`, streaming - and deleted at the end. Each figure is measured in a fresh
+subprocess, so that peak RSS (ru_maxrss) is its own:
+
+* writer: peak RSS of the process that writes every shard and then finalizes (`finalize_s`).
+* verify: `latents.verify.verify` with ``--verify-workers`` processes: time, MB/s, peak RSS of
+  the main process and of the largest worker.
+* reader, rank 0 of world sizes 8 and 256 (one process, no DataLoader worker; S = W streams,
+  32 samples per rank and step, 1 MiB windows): construction time (`LatentDataset` +
+  `LatentLoader`), first-batch time, and the index memory of the rank: VmRSS after the first
+  batch minus VmRSS after the imports. ``--code DIR`` runs the reader from another tree
+  (e.g. /work/main: the "before" figures); its lines carry ``"code": DIR``.
+* plan time per worker: building epoch 1's plan for rank 0's stream and materialising its
+  first window (`latents.plan.EpochPlan`); on a tree without it, `epoch_streams` for that stream
+  (what a worker computed at every epoch start before).
+* encode: ``tests.benchmarks.scale_encode.encode_figures(n, workdir)`` if that module exists.
+
+Prints one JSON line per figure.
+
+    python -m tests.benchmarks.bench_scale [--sizes 1280000 5000000] [--code /work/main] [--workdir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PER_SHARD = 8192  # samples per shard, as ImageNet at 256 px (157 shards at 1.28M)
+BATCH = 32  # per rank and step
+WINDOW_BYTES = 1 << 20
+
+
+def vm_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def peak_rss_mib(who: int = 0) -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN if who else resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the measurements, each run in its own subprocess: `python -m tests.benchmarks.bench_scale --child WHAT ...`
+
+
+def child_write(url: str, n: int) -> dict:
+    from tests.latents import fast_shards
+
+    base = vm_rss_mib()
+    start = time.perf_counter()
+    fast_shards.write_dataset(url, n, PER_SHARD)
+    return {"write_s": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(), "imports_rss_mib": base}
+
+
+def child_verify(url: str, workers: int) -> dict:
+    from latents.verify import verify
+
+    base = vm_rss_mib()
+    report = verify(url, workers=workers)
+    assert report.ok, report.problems[:3]
+    return {
+        "verify_s": report.seconds,
+        "mb_per_s": report.mb_per_s,
+        "samples": report.samples_checked,
+        "peak_rss_mib": peak_rss_mib(),
+        "worker_peak_rss_mib": peak_rss_mib(1),
+        "imports_rss_mib": base,
+    }
+
+
+def child_reader(url: str, world: int) -> dict:
+    import numpy as np
+    import torch
+
+    import latents.plan as plan
+    from latents.reader import LatentDataset, LatentLoader
+
+    torch.set_num_threads(1)
+    base = vm_rss_mib()
+    start = time.perf_counter()
+    ds = LatentDataset(url, BATCH, rank=0, world_size=world, seed=0, streams=world, shuffle_buffer_bytes=WINDOW_BYTES)
+    loader = LatentLoader(ds)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    next(iter(loader))
+    first = time.perf_counter() - start
+    index_rss = vm_rss_mib() - base
+    first_sample = ds.index.shard_column("first_sample")
+    counts = ds.index.shard_column("num_samples")
+    kwargs = {"seed": 0, "epoch": 1, "num_streams": world, "global_batch": world * BATCH, "window": ds.window}
+    start = time.perf_counter()
+    if hasattr(plan, "EpochPlan"):
+        p = plan.EpochPlan(first_sample, counts, **kwargs)
+        p.shards([0])
+        p.window_rows(0, 0)
+    else:  # before: the N-long global sequence, then the worker's stream
+        plan.epoch_streams(first_sample, counts, range(1), **kwargs)
+    plan_s = time.perf_counter() - start
+    return {
+        "construct_s": built,
+        "first_batch_s": first,
+        "index_rss_mib": index_rss,
+        "peak_rss_mib": peak_rss_mib(),
+        "imports_rss_mib": base,
+        "plan_s": plan_s,
+        "shards": len(counts),
+        "window": int(ds.window),
+        "np": np.__version__,
+    }
+
+
+def run_child(args: list[str], code: Path = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{code}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_scale", "--child", *args],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rounded(d: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_280_000, 5_000_000])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[8, 256])
+    parser.add_argument("--verify-workers", type=int, default=2)
+    parser.add_argument("--code", type=Path, nargs="*", default=[], help="other trees to run the reader from")
+    parser.add_argument("--workdir", default=None, help="where the temporary datasets go (default: $TMPDIR)")
+    parser.add_argument("--label", default="current")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        what, url, number = args.child[0], args.child[1], int(args.child[2])
+        fn = {"write": child_write, "verify": child_verify, "reader": child_reader}[what]
+        print(json.dumps(fn(url, number)))
+        return
+
+    common = {
+        "benchmark": "scale_tiny_latents",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "date": date.today().isoformat(),
+        "label": args.label,
+        "per_shard": PER_SHARD,
+    }
+
+    def emit(figure: str, n: int, values: dict, **extra) -> None:
+        load = round(os.getloadavg()[0], 1)
+        print(
+            json.dumps({**common, "figure": figure, "n": n, **extra, **rounded(values), "load_1min": load}), flush=True
+        )
+
+    for n in args.sizes:
+        tmp = tempfile.mkdtemp(prefix="sit-bench-scale-", dir=args.workdir)
+        try:
+            url = f"{tmp}/ds"
+            emit("writer", n, run_child(["write", url, str(n)]))
+            emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)
+            for world in args.worlds:
+                emit("reader_rank0", n, run_child(["reader", url, str(world)]), world=world)
+                for code in args.code:
+                    emit("reader_rank0", n, run_child(["reader", url, str(world)], code), world=world, code=str(code))
+            try:
+                from tests.benchmarks.scale_encode import encode_figures
+            except ImportError:
+                emit("encode", n, {"skipped": "tests/benchmarks/scale_encode.py is not in this tree"})
+            else:
+                for figure in encode_figures(n, tmp):
+                    print(json.dumps({**common, "n": n, **figure}), flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
