@@ -11,9 +11,15 @@ subprocess, so that peak RSS (ru_maxrss) is its own:
   the main process and of the largest worker.
 * reader, rank 0 of world sizes 8 and 256 (one process, no DataLoader worker; S = W streams,
   32 samples per rank and step, 1 MiB windows): construction time (`LatentDataset` +
-  `LatentLoader`), first-batch time, and the index memory of the rank: VmRSS after the first
-  batch minus VmRSS after the imports. ``--code DIR`` runs the reader from another tree
-  (e.g. /work/main: the "before" figures); its lines carry ``"code": DIR``.
+  `LatentLoader`), first-batch time, and the index memory of the rank: VmRSS with the rank's
+  per-sample index for epoch 0 loaded (`LatentDataset.load_rows` for its streams, what its
+  iteration loads; before issue 15 the whole index, loaded at construction) minus VmRSS before
+  (after the imports and a first batch of a 128-sample dataset, which brings in every lazy import
+  and pool), both after returning freed memory to the system (`settled_rss_mib`); and the bytes
+  the index holds, exactly (``index_held_mib``: tracemalloc's count of numpy and Python
+  allocations plus arrow's allocated bytes), which has none of the allocators' page noise. ``--code DIR``
+  runs the reader from another tree (e.g. /work/main: the "before" figures); its lines carry
+  ``"code": DIR``.
 * plan time per worker: building epoch 1's plan for rank 0's stream and materialising its
   first window (`latents.plan.EpochPlan`); on a tree without it, `epoch_streams` for that stream
   (what a worker computed at every epoch start before).
@@ -51,6 +57,20 @@ def vm_rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
+def settled_rss_mib() -> float:
+    """VmRSS after returning freed memory to the system (Python, arrow's pool, glibc): what is
+    still in use, without the allocators' retained pages (several MiB of noise otherwise)."""
+    import ctypes
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return vm_rss_mib()
+
+
 def peak_rss_mib(who: int = 0) -> float:
     import resource
 
@@ -85,23 +105,36 @@ def child_verify(url: str, workers: int) -> dict:
     }
 
 
-def child_reader(url: str, world: int) -> dict:
-    import numpy as np
+def child_reader(url: str, world: int, warm: str) -> dict:
+    import tracemalloc
+
+    import pyarrow as pa
     import torch
 
     import latents.plan as plan
     from latents.reader import LatentDataset, LatentLoader
 
     torch.set_num_threads(1)
-    base = vm_rss_mib()
+    imports = vm_rss_mib()
+    warmup = LatentLoader(LatentDataset(warm, BATCH, seed=0, shuffle_buffer_bytes=WINDOW_BYTES))
+    next(iter(warmup))  # every code path once: lazy imports, arrow and zstd pools are not the index
+    del warmup
+    base = settled_rss_mib()
+    arrow_base = pa.total_allocated_bytes()
+    tracemalloc.start()  # numpy arrays and Python objects; arrow's own allocations counted apart
     start = time.perf_counter()
     ds = LatentDataset(url, BATCH, rank=0, world_size=world, seed=0, streams=world, shuffle_buffer_bytes=WINDOW_BYTES)
     loader = LatentLoader(ds)
     built = time.perf_counter() - start
+    rows = None
+    if hasattr(ds, "load_rows"):  # the index of the rank's streams for epoch 0, as its iteration loads it
+        rows = ds.load_rows(ds.plan(0), plan.worker_streams(world, world, 0, 0, 1))  # noqa: F841 (held)
+    index_rss = settled_rss_mib() - base  # before: every rank loaded the whole index at construction
+    index_bytes = (tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - arrow_base) / 2**20
+    tracemalloc.stop()
     start = time.perf_counter()
     next(iter(loader))
     first = time.perf_counter() - start
-    index_rss = vm_rss_mib() - base
     first_sample = ds.index.shard_column("first_sample")
     counts = ds.index.shard_column("num_samples")
     kwargs = {"seed": 0, "epoch": 1, "num_streams": world, "global_batch": world * BATCH, "window": ds.window}
@@ -117,12 +150,13 @@ def child_reader(url: str, world: int) -> dict:
         "construct_s": built,
         "first_batch_s": first,
         "index_rss_mib": index_rss,
+        "index_held_mib": index_bytes,
         "peak_rss_mib": peak_rss_mib(),
-        "imports_rss_mib": base,
+        "imports_rss_mib": imports,
+        "warm_rss_mib": base,
         "plan_s": plan_s,
         "shards": len(counts),
         "window": int(ds.window),
-        "np": np.__version__,
     }
 
 
@@ -155,10 +189,12 @@ def main() -> None:
     parser.add_argument("--label", default="current")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from tests.latents import fast_shards
+
     if args.child:
-        what, url, number = args.child[0], args.child[1], int(args.child[2])
+        what, url, number, *more = args.child
         fn = {"write": child_write, "verify": child_verify, "reader": child_reader}[what]
-        print(json.dumps(fn(url, number)))
+        print(json.dumps(fn(url, int(number), *more)))
         return
 
     common = {
@@ -179,13 +215,20 @@ def main() -> None:
     for n in args.sizes:
         tmp = tempfile.mkdtemp(prefix="sit-bench-scale-", dir=args.workdir)
         try:
-            url = f"{tmp}/ds"
+            url, warm = f"{tmp}/ds", f"{tmp}/warm"
+            fast_shards.write_dataset(warm, 4 * BATCH, BATCH)
             emit("writer", n, run_child(["write", url, str(n)]))
             emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)
             for world in args.worlds:
-                emit("reader_rank0", n, run_child(["reader", url, str(world)]), world=world)
+                emit("reader_rank0", n, run_child(["reader", url, str(world), warm]), world=world)
                 for code in args.code:
-                    emit("reader_rank0", n, run_child(["reader", url, str(world)], code), world=world, code=str(code))
+                    emit(
+                        "reader_rank0",
+                        n,
+                        run_child(["reader", url, str(world), warm], code),
+                        world=world,
+                        code=str(code),
+                    )
             try:
                 from tests.benchmarks.scale_encode import encode_figures
             except ImportError:
