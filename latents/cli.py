@@ -23,7 +23,9 @@ VERIFY_DESCRIPTION = (
     "the counts (source = encoded + rejected).\n\n"
     + STORAGE
     + "\nExits 0 if the dataset is intact, 1 listing every problem found. Leftover temporary files of a "
-    "killed writer are warnings (they never carry a final name); --strict fails on them.\n"
+    "killed writer are warnings (they never carry a final name); --strict fails on them. Shards are checked by\n"
+    "--workers processes, each holding one shard at a time; memory does not grow with the dataset. The\n"
+    "last line says how many MB were checked, in what time.\n"
 )
 
 
@@ -53,15 +55,19 @@ def verify_command(args: argparse.Namespace) -> int:
         print(
             f"OK: {report.url}: {plural(report.shards_checked, 'shard')}, "
             f"{plural(report.samples_checked, 'sample')} verified"
-            f"{rejected}{warned}"
+            f"{rejected}{warned}; {_rate(report)}"
         )
         return 0
-    print(f"FAILED: {report.url}: {plural(len(report.problems), 'problem')}", file=sys.stderr)
+    print(f"FAILED: {report.url}: {plural(len(report.problems), 'problem')}; {_rate(report)}", file=sys.stderr)
     for problem in report.problems[: args.max_problems]:
         print(f"  - {problem}", file=sys.stderr)
     if len(report.problems) > args.max_problems:
         print(f"  ... and {len(report.problems) - args.max_problems} more", file=sys.stderr)
     return 1
+
+
+def _rate(report) -> str:
+    return f"{report.bytes_checked / 1e6:,.1f} MB in {report.seconds:,.1f} s ({report.mb_per_s:,.1f} MB/s)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("url", metavar="URL", help="dataset root (path, file://, s3://, gs://)")
-    p.add_argument("--workers", type=positive_int, default=4, help="shards checked concurrently (default: %(default)s)")
+    p.add_argument(
+        "--workers", type=positive_int, default=4, help="processes checking shards in parallel (default: %(default)s)"
+    )
     p.add_argument("--max-problems", type=nonnegative_int, default=50, help="problems to list (default: %(default)s)")
     p.add_argument(
         "--quiet", action="store_true", help="no progress output (none either when stderr is not a terminal)"

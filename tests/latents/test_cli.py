@@ -22,8 +22,10 @@ def test_inspect_incomplete(tmp_path, capsys):
 
 
 def test_verify_ok_and_failing(dataset, capsys):
-    assert main(["verify", dataset, "--quiet"]) == 0
-    assert "OK" in capsys.readouterr().out
+    assert main(["verify", dataset, "--quiet", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    shard_bytes = sum(f.stat().st_size for f in (Path(dataset) / "shards").iterdir())
+    assert "OK" in out and f"100 samples verified; {shard_bytes / 1e6:,.1f} MB in " in out and " MB/s)" in out
     shard = Path(dataset) / shard_name(1)
     shard.write_bytes(shard.read_bytes()[:-3000])
     assert main(["verify", dataset, "--quiet"]) == 1
