@@ -17,10 +17,11 @@ import hashlib
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import zstandard
 
@@ -66,10 +67,9 @@ def verify(
 ) -> VerifyReport:
     """Check the dataset at ``url`` and report every problem found in its shards and samples.
 
-    ``workers`` processes check shards in parallel (forked, so they share this process's
-    filesystem registrations; 1: in this process). Memory is bounded whatever the sample count:
-    a worker holds one shard and its sample rows; this process, the manifest and a file of key
-    hashes (see `latents.keys`).
+    ``workers`` processes check shards in parallel (see `_pool`; 1: in this process). Memory is
+    bounded whatever the sample count: a worker holds one shard and its sample rows; this
+    process, the manifest and a file of key hashes (see `latents.keys`).
 
     Raises `DatasetError` (one message) if the dataset cannot be opened at all: no card, a bad
     card, an unreadable or inconsistent index. ``strict``: leftover temporary files are
@@ -127,22 +127,38 @@ class _ShardResult:
     bytes_read: int
 
 
-_INDEX: LatentIndex | None = None  # the index a worker checks shards of (set before the fork)
+_INDEX: LatentIndex | None = None  # the index a worker checks shards of (see _pool)
 
 
 @contextmanager
 def _pool(workers: int, index: LatentIndex):
-    """An executor whose ``map`` runs `_check_shard_task`: ``workers`` forked processes, or this one."""
+    """An executor whose ``map`` runs `_check_shard_task`: ``workers`` processes, or this one.
+
+    Processes are started with "spawn" (forking a process that runs arrow's or fsspec's threads
+    can deadlock the child). A filesystem a new process cannot build (memory://, one registered
+    at run time) is checked by threads instead: zstd and sha256 release the GIL."""
     global _INDEX
     _INDEX = index
+    protocol = index.root.fs.protocol
+    protocol = protocol if isinstance(protocol, str) else protocol[0]
+    portable = protocol in fsspec.registry.known_implementations and protocol != "memory"
     try:
         if workers <= 1:
             yield _Serial()
-            return
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            yield pool
+        elif not portable:
+            with ThreadPoolExecutor(workers) as pool:
+                yield pool
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_index, initargs=(index,)) as pool:
+                yield pool
     finally:
         _INDEX = None
+
+
+def _set_index(index: LatentIndex) -> None:
+    global _INDEX
+    _INDEX = index
 
 
 class _Serial:

@@ -17,7 +17,9 @@ subprocess, so that peak RSS (ru_maxrss) is its own:
   (after the imports and a first batch of a 128-sample dataset, which brings in every lazy import
   and pool), both after returning freed memory to the system (`settled_rss_mib`); and the bytes
   the index holds, exactly (``index_held_mib``: tracemalloc's count of numpy and Python
-  allocations plus arrow's allocated bytes), which has none of the allocators' page noise. ``--code DIR``
+  allocations plus arrow's allocated bytes), which has none of the allocators' page noise.
+  ``--arrow-pool system`` gives arrow glibc's malloc in the reader processes (mimalloc, its
+  default, keeps several MiB of freed pages that `settled_rss_mib` cannot return). ``--code DIR``
   runs the reader from another tree (e.g. /work/main: the "before" figures); its lines carry
   ``"code": DIR``.
 * plan time per worker: building epoch 1's plan for rank 0's stream and materialising its
@@ -115,6 +117,8 @@ def child_reader(url: str, world: int, warm: str) -> dict:
     from latents.reader import LatentDataset, LatentLoader
 
     torch.set_num_threads(1)
+    if os.environ.get("BENCH_ARROW_POOL") == "system":  # glibc malloc: trimmed back, so RSS tracks what is held
+        pa.set_memory_pool(pa.system_memory_pool())
     imports = vm_rss_mib()
     warmup = LatentLoader(LatentDataset(warm, BATCH, seed=0, shuffle_buffer_bytes=WINDOW_BYTES))
     next(iter(warmup))  # every code path once: lazy imports, arrow and zstd pools are not the index
@@ -160,8 +164,8 @@ def child_reader(url: str, world: int, warm: str) -> dict:
     }
 
 
-def run_child(args: list[str], code: Path = ROOT) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{code}:{ROOT}", "OMP_NUM_THREADS": "1"}
+def run_child(args: list[str], code: Path = ROOT, pool: str = "default") -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{code}:{ROOT}", "OMP_NUM_THREADS": "1", "BENCH_ARROW_POOL": pool}
     done = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench_scale", "--child", *args],
         cwd=code,
@@ -187,6 +191,13 @@ def main() -> None:
     parser.add_argument("--code", type=Path, nargs="*", default=[], help="other trees to run the reader from")
     parser.add_argument("--workdir", default=None, help="where the temporary datasets go (default: $TMPDIR)")
     parser.add_argument("--label", default="current")
+    parser.add_argument("--skip-verify", action="store_true", help="build the datasets for the reader figures only")
+    parser.add_argument(
+        "--arrow-pool",
+        choices=["default", "system"],
+        default="default",
+        help="arrow's allocator in the reader processes (default: mimalloc, which keeps freed pages)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from tests.latents import fast_shards
@@ -218,17 +229,14 @@ def main() -> None:
             url, warm = f"{tmp}/ds", f"{tmp}/warm"
             fast_shards.write_dataset(warm, 4 * BATCH, BATCH)
             emit("writer", n, run_child(["write", url, str(n)]))
-            emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)
+            if not args.skip_verify:
+                emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)
+            pool = {"arrow_pool": args.arrow_pool}
             for world in args.worlds:
-                emit("reader_rank0", n, run_child(["reader", url, str(world), warm]), world=world)
-                for code in args.code:
-                    emit(
-                        "reader_rank0",
-                        n,
-                        run_child(["reader", url, str(world), warm], code),
-                        world=world,
-                        code=str(code),
-                    )
+                for code in [ROOT, *args.code]:
+                    tag = {} if code == ROOT else {"code": str(code)}
+                    result = run_child(["reader", url, str(world), warm], code, args.arrow_pool)
+                    emit("reader_rank0", n, result, world=world, **tag, **pool)
             try:
                 from tests.benchmarks.scale_encode import encode_figures
             except ImportError:
