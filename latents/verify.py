@@ -21,9 +21,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import zstandard
+from fsspec.registry import known_implementations
 
 from latents.dataset import LatentIndex, read_rejects
 from latents.format import (
@@ -141,7 +141,7 @@ def _pool(workers: int, index: LatentIndex):
     _INDEX = index
     protocol = index.root.fs.protocol
     protocol = protocol if isinstance(protocol, str) else protocol[0]
-    portable = protocol in fsspec.registry.known_implementations and protocol != "memory"
+    portable = protocol in known_implementations and protocol != "memory"
     try:
         if workers <= 1:
             yield _Serial()
