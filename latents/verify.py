@@ -62,12 +62,21 @@ class VerifyReport:
         return self.bytes_checked / 1e6 / max(self.seconds, 1e-9)
 
 
+PROCESSES_FROM_SHARDS = 64  # fewer shards: threads (a process start, ~1-2 s each, would dominate)
+
+
 def verify(
-    url: str, workers: int = 4, progress: bool = False, storage_options: dict | None = None, strict: bool = False
+    url: str,
+    workers: int = 4,
+    progress: bool = False,
+    storage_options: dict | None = None,
+    strict: bool = False,
+    processes: bool | None = None,
 ) -> VerifyReport:
     """Check the dataset at ``url`` and report every problem found in its shards and samples.
 
-    ``workers`` processes check shards in parallel (see `_pool`; 1: in this process). Memory is
+    ``workers`` processes check shards in parallel (see `_pool`; 1: in this process; threads for
+    datasets of fewer than PROCESSES_FROM_SHARDS shards unless ``processes``). Memory is
     bounded whatever the sample count: a worker holds one shard and its sample rows; this
     process, the manifest and a file of key hashes (see `latents.keys`).
 
@@ -93,7 +102,7 @@ def verify(
             report.problems.append(f"{index.root.url_of(name)}: shard file not in the manifest")
 
     wrong_hash, wrong_count = [], 0
-    with HashLog() as hashes, _pool(min(workers, len(names)), index) as pool:
+    with HashLog() as hashes, _pool(min(workers, len(names)), index, processes) as pool:
         tasks = [(i, names[i] in present) for i in range(len(names))]
         for i, result in enumerate(pool.map(_check_shard_task, tasks)):
             report.problems.extend(result.problems)
@@ -131,7 +140,7 @@ _INDEX: LatentIndex | None = None  # the index a worker checks shards of (see _p
 
 
 @contextmanager
-def _pool(workers: int, index: LatentIndex):
+def _pool(workers: int, index: LatentIndex, processes: bool | None):
     """An executor whose ``map`` runs `_check_shard_task`: ``workers`` processes, or this one.
 
     Processes are started with "spawn" (forking a process that runs arrow's or fsspec's threads
@@ -142,10 +151,12 @@ def _pool(workers: int, index: LatentIndex):
     protocol = index.root.fs.protocol
     protocol = protocol if isinstance(protocol, str) else protocol[0]
     portable = protocol in known_implementations and protocol != "memory"
+    if processes is None:
+        processes = index.card.num_shards >= PROCESSES_FROM_SHARDS
     try:
         if workers <= 1:
             yield _Serial()
-        elif not portable:
+        elif not (portable and processes):
             with ThreadPoolExecutor(workers) as pool:
                 yield pool
         else:

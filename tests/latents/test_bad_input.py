@@ -54,6 +54,14 @@ def test_intact_dataset_verifies(dataset):
     assert report.shards_checked == 6 and report.samples_checked == 100
 
 
+@pytest.mark.slow
+def test_verify_in_worker_processes(dataset):
+    assert verify(dataset, workers=2, processes=True).ok  # spawned processes (threads below 64 shards)
+    (Path(dataset) / shard_name(2)).write_bytes(b"x" * 10240)
+    problems = verify(dataset, workers=2, processes=True).problems
+    assert any("shards/000002.tar: size 10240 bytes" in p for p in problems), problems
+
+
 def test_truncated_shard(dataset):
     path = Path(dataset) / shard_name(2)
     path.write_bytes(path.read_bytes()[:5000])
