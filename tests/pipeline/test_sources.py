@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.job import read_chunk
+from pipeline.job import read_items
 from pipeline.sources import UNKNOWN_LABEL, ImageReader, SourceError, SourceFormat, list_source, select
 
 
@@ -52,9 +52,8 @@ def test_class_list_labels_and_unknown_classes(sources, tmp_path):
         assert by_key[key].label == want
         if want == UNKNOWN_LABEL:
             assert "n00000003" in by_key[key].label_error
-    row = {"shard": 0, "chunk": 0, "items": __import__("json").dumps([by_key["n00000003/n00000003_0000"].to_row()])}
-    out = read_chunk(row, 64, False)
-    assert out["keys"] == "[]" and '"unknown-label"' in out["rejects"]
+    keys, _, _, rejects = read_items([by_key["n00000003/n00000003_0000"]], 64, False)
+    assert keys == [] and rejects[0][2] == "unknown-label"
 
 
 def test_classes_and_limit(sources):
