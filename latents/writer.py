@@ -250,6 +250,7 @@ def iter_shard_infos(
     Memory holds ``prefetch`` shard infos at a time, whatever the number of shards (``spec`` is
     accepted for symmetry with `read_shard_info`; sidecars carry everything)."""
     root = Root(root) if isinstance(root, str) else root
+    root.fs.invalidate_cache()  # sidecars come from other processes: no listing cached before they were written
     with ThreadPoolExecutor(min(prefetch, max(1, num_shards))) as pool:
         window: deque = deque()
         for i in range(num_shards):

@@ -369,6 +369,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     encoded_now = 0
     if pending:
         encoded_now = _encode_pending(cfg, root, spec, listing.selection, plan, pending, stage_seconds)
+    root.fs.invalidate_cache()  # the workers wrote shards and sidecars since this process listed them
     encoded, rejected, by_reason, empty, rejects_bytes = _tally(root, plan)
     root.publish_bytes(REJECTS_NAME, rejects_bytes)
     if rejected and rejected == total:

@@ -68,6 +68,7 @@ def _rerun(src: str, dst: str, vae: Path, address: str, committed: list[str]) ->
     assert "200 encoded + 4 rejected = 204 source images" in out
     adopted = int(out.split(" from an earlier run")[0].rsplit("(", 1)[1])
     assert len(committed) <= adopted < SHARDS, out  # a killed worker may have committed one more after the count
+    fsspec.core.url_to_fs(dst)[0].invalidate_cache()  # this process listed shards/ while the job ran
     assert verify(dst).ok
     return out
 
