@@ -83,6 +83,10 @@ class EncodeError(Exception):
     """The job cannot finish: another run's destination, a changed source, an empty shard, ..."""
 
 
+class ShardFailed(Exception):
+    """Raised by a worker for its shard: one line naming the shard and the root cause, no chain."""
+
+
 class RejectsExceededError(EncodeError):
     """More inputs were rejected than ``max_reject_fraction`` allows (shards stay; rejects.parquet lists them)."""
 
@@ -209,6 +213,12 @@ class ShardStage:
         return (*out, time.perf_counter() - start)
 
     def __call__(self, row: dict) -> dict:
+        try:
+            return self._encode(row)
+        except Exception as err:  # the driver shows the first exception of Ray's traceback text: this one
+            raise ShardFailed(f"shard {row['shard']}: {type(err).__name__}: {err}") from None
+
+    def _encode(self, row: dict) -> dict:
         index, plan = int(row["shard"]), row["plan"]
         items = [it for u, lo, hi in json.loads(row["span"]) for it in self._items(Unit(**u))[lo:hi]]
         chunks = [items[i : i + self.micro_batch] for i in range(0, len(items), self.micro_batch)]
