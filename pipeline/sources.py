@@ -14,6 +14,12 @@ Four layouts, at any fsspec URL (local path, file://, s3://, gs://):
 * ``wds`` - webdataset tars ``*.tar`` of ``<key>.jpg|jpeg|png|webp`` + ``<key>.cls``.
   Key ``<tar stem>/<sample key>``.
 
+Listing at scale (`scan`): a source is listed once, one *unit* at a time - a class folder, a parquet
+file, a tar, the validation folder - on a thread pool, in key order; a job keeps per unit only its
+item count and a digest (`Unit`), and a worker lists its shard's units again (`planned_items`,
+which checks the digest). The format is detected from the root's first level and a few folders.
+`list_source` lists everything into memory, for small sources and tests.
+
 Keys are sanitised to the latent format's alphabet (other characters become ``_``); two source
 files that sanitise to the same key are an error naming both. The fingerprint hashes every
 (key, label, relative location, size), so it names the content, not where it is stored.
