@@ -9,6 +9,13 @@ Two ways in:
   returns their `ShardInfo`; one process finalizes. `shard_committed` / `read_shard_info` let a
   rerun skip (and account for) shards that are already committed.
 
+Shard sidecars (``write_shard(..., sidecar=True)``, used by `sit encode`): before publishing the
+tar, the writer publishes ``shard-info/<index>.json``, the shard's whole `ShardInfo` (keys, labels,
+offsets, sizes, flip offsets, float64 statistics, size, sha256, the plan it was written for and
+the shard's rejects). A shard is committed when its tar exists; its sidecar then exists too, so a
+rerun adopts it and the finalizer streams `iter_shard_infos` without reading any shard back.
+A shard whose every input was rejected has a sidecar and no tar (`write_empty_shard_info`).
+
 The same samples in the same order give byte-identical shards (fixed tar headers, fixed zstd
 level, no timestamps).
 """
@@ -17,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -88,14 +98,44 @@ class ShardInfo:
     sum_sq: np.ndarray | None = None
     sum_var: np.ndarray | None = None
     count: int = 0  # values per channel summed
+    rejects: list[tuple[str, str, str, str]] = field(default_factory=list)  # (key, source, reason, error)
+    plan: str = ""  # what the shard was planned from (the encode job's span digest)
 
     @property
     def name(self) -> str:
         return shard_name(self.index)
 
+    def to_json(self) -> str:
+        out = {k: getattr(self, k) for k in _SIDECAR_FIELDS}
+        for k in ("sum_mean", "sum_sq", "sum_var"):
+            out[k] = [float(v) for v in out[k]]  # repr of a float64 round-trips exactly
+        out["rejects"] = [list(r) for r in self.rejects]
+        return json.dumps(out, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ShardInfo:
+        d = json.loads(text)
+        info = cls(**{k: d[k] for k in _SIDECAR_FIELDS})
+        info.sum_mean, info.sum_sq, info.sum_var = (
+            np.asarray(d[k], np.float64) for k in ("sum_mean", "sum_sq", "sum_var")
+        )
+        info.rejects = [tuple(r) for r in d["rejects"]]
+        return info
+
     @property
     def num_samples(self) -> int:
         return len(self.keys)
+
+
+_SIDECAR_FIELDS = (
+    "index", "num_bytes", "sha256", "keys", "labels", "offsets", "sizes", "flip_offsets",
+    "sum_mean", "sum_sq", "sum_var", "count", "rejects", "plan",
+)  # fmt: skip
+SIDECAR_DIR = "shard-info"  # owned here: the encode job's per-shard sidecars (not part of a finished dataset's index)
+
+
+def sidecar_name(index: int) -> str:
+    return f"{SIDECAR_DIR}/{index:06d}.json"
 
 
 class _ShardBuilder:
@@ -148,11 +188,20 @@ def _accumulate(info: ShardInfo, array: np.ndarray, spec: LatentSpec) -> None:
 
 
 def write_shard(
-    root: Root | str, index: int, samples: Iterable[tuple[str, int, np.ndarray]], spec: LatentSpec
+    root: Root | str,
+    index: int,
+    samples: Iterable[tuple[str, int, np.ndarray]],
+    spec: LatentSpec,
+    *,
+    sidecar: bool = False,
+    rejects: Iterable[tuple[str, str, str, str]] = (),
+    plan: str = "",
 ) -> ShardInfo:
     """Write shard ``index`` from (key, label, (F, K, C, H, W) array) triples; atomically.
 
     Sweeps the leftover temporaries of this shard (from a writer of it that was killed) first.
+    With ``sidecar``, publishes the shard's `ShardInfo` (with ``rejects`` and ``plan``) under
+    `sidecar_name` before the tar, so a committed shard always has its sidecar.
     Raises ValueError naming the key for a sample the format cannot hold (NaN/inf, negative std).
     """
     root = Root(root) if isinstance(root, str) else root
@@ -161,9 +210,59 @@ def write_shard(
         builder.add(key, label, array)
     if not builder.info.keys:
         raise ValueError(f"shard {index} has no samples")
-    root.sweep_temporaries([shard_name(index)])
-    root.publish_bytes(shard_name(index), builder.finish())
+    data = builder.finish()
+    builder.info.rejects, builder.info.plan = [tuple(r) for r in rejects], plan
+    names = [shard_name(index), *([sidecar_name(index)] if sidecar else [])]
+    root.sweep_temporaries(names)
+    if sidecar:
+        root.publish_bytes(sidecar_name(index), builder.info.to_json().encode())
+    root.publish_bytes(shard_name(index), data)
     return builder.info
+
+
+def write_empty_shard_info(
+    root: Root | str, index: int, spec: LatentSpec, rejects: Iterable[tuple[str, str, str, str]], plan: str = ""
+) -> ShardInfo:
+    """Record a shard whose every input was rejected: a sidecar with no samples, and no tar."""
+    root = Root(root) if isinstance(root, str) else root
+    c = spec.latent_shape[0]
+    info = ShardInfo(index, 0, "", sum_mean=np.zeros(c), sum_sq=np.zeros(c), sum_var=np.zeros(c))
+    info.rejects, info.plan = [tuple(r) for r in rejects], plan
+    root.sweep_temporaries([sidecar_name(index)])
+    root.publish_bytes(sidecar_name(index), info.to_json().encode())
+    return info
+
+
+def read_sidecar(root: Root | str, index: int) -> ShardInfo:
+    """Shard ``index``'s sidecar (see the module docstring); ShardError names a damaged one."""
+    root = Root(root) if isinstance(root, str) else root
+    name = sidecar_name(index)
+    try:
+        info = ShardInfo.from_json(root.read_bytes(name))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ShardError(f"{root.url_of(name)}: not a shard sidecar ({type(err).__name__}: {err})") from None
+    if info.index != index:
+        raise ShardError(f"{root.url_of(name)}: holds shard {info.index}, not {index}")
+    return info
+
+
+def iter_shard_infos(
+    root: Root | str, num_shards: int, spec: LatentSpec | None = None, prefetch: int = 8
+) -> Iterator[ShardInfo]:
+    """The sidecars of shards 0..num_shards-1, in index order, read by threads at most ``prefetch`` ahead.
+
+    Memory holds ``prefetch`` shard infos at a time, whatever the number of shards (``spec`` is
+    accepted for symmetry with `read_shard_info`; sidecars carry everything)."""
+    root = Root(root) if isinstance(root, str) else root
+    root.fs.invalidate_cache()  # sidecars come from other processes: no listing cached before they were written
+    with ThreadPoolExecutor(min(prefetch, max(1, num_shards))) as pool:
+        window: deque = deque()
+        for i in range(num_shards):
+            window.append(pool.submit(read_sidecar, root, i))
+            if len(window) >= prefetch:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def shard_committed(root: Root | str, index: int) -> bool:

@@ -142,7 +142,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gpus-per-worker", type=nonnegative_float, help="GPUs per encode actor (default: 1 if the cluster has GPUs)"
     )
     g.add_argument(
-        "--readers", type=positive_int, help="concurrent read/decode tasks (default: the CPUs the encoders leave)"
+        "--readers",
+        type=positive_int,
+        help="read/decode threads in all, shared out over the encode actors (default: the CPUs the encoders leave)",
     )
     p.add_argument(
         "--quiet",

@@ -1,33 +1,46 @@
-"""The encode job on Ray Data: source images -> latent shards, each exactly once, then card and manifest.
+"""The encode job on Ray: source images -> latent shards, each exactly once, then card and index.
 
-Plan. Source keys are sorted; shard ``i`` holds keys ``[i*S, (i+1)*S)`` minus the rejected ones;
-within a shard, micro-batches of ``micro_batch`` consecutive keys are the unit of encoding. Both
-are pure functions of the sorted keys, S and the micro-batch size, so shard bytes do not depend
-on the number of workers, on Ray's batching or on timing.
+Listing. `pipeline.sources.scan` lists the source once, one unit (class folder, parquet file,
+tar) at a time on a thread pool, and keeps per unit only its item count and a digest: the
+driver never holds a per-image object, so its memory does not grow with the source.
+``--classes`` lists only those class folders; ``--limit`` stops listing once it has its images.
 
-Pipeline. One row per micro-batch: a CPU read/decode stage (Ray tasks: read bytes, decode, ADM
-crop) feeds an actor pool that holds the VAE (GPUs when the cluster has them). The driver
-collects each shard's micro-batches and publishes the shard atomically through
-`latents.writer.write_shard` as soon as it is complete.
+Plan. Source keys are sorted; shard ``i`` holds keys ``[i*S, (i+1)*S)`` minus the rejected ones,
+a span of (unit, first, last) ranges (`ShardPlan`); within a shard, micro-batches of
+``micro_batch`` consecutive keys are the unit of encoding. Both are pure functions of the sorted
+keys, S and the micro-batch size, so shard bytes do not depend on the number of workers, on
+Ray's batching or on timing.
 
-Exactly once. A rerun lists the committed shards, adopts them (their keys must be the plan's,
-minus rejects) and encodes only the rest. The rejects of adopted shards are the plan's keys they
-lack; their reasons are found again by re-reading just those inputs (and a now-readable input
-means the source changed: an error). ``encode-run.json``, written before the first shard,
-describes the run; a destination holding another run (other source, resolution, VAE, ...) is
-refused. Only when every shard is committed and source = encoded + rejected are
-``rejects.parquet``, then samples/manifest and, last, ``card.json`` written.
+Pipeline. One Ray Data row per pending shard (a few hundred bytes: its span) goes to an actor
+pool (`ShardStage`, holding the autoencoder, on GPUs when the cluster has them). An actor lists
+the shard's units again (checking each against the plan's digest), reads, decodes and crops
+micro-batches on ``readers`` threads ahead of the encoder, and writes the shard itself with
+`latents.writer.write_shard`: first its sidecar (the shard's `ShardInfo` and rejects), then
+the tar, each atomically. Back to the driver comes one small row of counts and seconds.
+
+Exactly once. A shard is committed when its tar exists (its sidecar was published before it).
+A rerun adopts committed shards from their sidecars, without reading shard bytes, and encodes
+only the rest; a sidecar must name the plan it was written for. ``encode-run.json``, written
+before the first shard, describes the run; a destination holding another run (other source,
+resolution, VAE, ...) is refused. When every shard is committed, the driver streams the sidecars
+once to count and collect the rejects (``rejects.parquet``); only if source = encoded + rejected
+does `latents.writer.finalize` write the index and, last, ``card.json`` from the same stream.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import json
+import math
 import re
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -35,21 +48,43 @@ import pyarrow.parquet as pq
 
 from latents.artifacts import ENCODE_RUN_FILE, Kind, require_not_artifact, require_output
 from latents.autoencoder import DEFAULT_VAE, load_autoencoder, vae_dtype
-from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, DatasetCard
-from latents.storage import Root
+from latents.format import CARD_NAME, FORMAT_VERSION, REJECTS_NAME, REJECTS_SCHEMA, SHARD_DIR, DatasetCard, shard_name
+from latents.storage import TEMP_MARK, Root
 from latents.threads import set_torch_threads
 from latents.words import plural, tally
-from latents.writer import ShardInfo, finalize, read_shard_info, shard_committed, write_shard
+from latents.writer import (
+    SIDECAR_DIR,
+    finalize,
+    iter_shard_infos,
+    read_sidecar,
+    sidecar_name,
+    write_empty_shard_info,
+    write_shard,
+)
 from pipeline.encode import latent_spec
 from pipeline.preprocess import ImageRejected, preprocess
 from pipeline.ray_jobs import NO_RESTARTS, connect, ray_log_file, worker_env
-from pipeline.sources import UNKNOWN_LABEL, ImageReader, Source, SourceFormat, SourceItem, list_source, select
+from pipeline.sources import (
+    UNKNOWN_LABEL,
+    ImageReader,
+    Listing,
+    Selection,
+    SourceFormat,
+    SourceItem,
+    Unit,
+    planned_items,
+    scan,
+)
 
 RUN_NAME = ENCODE_RUN_FILE  # named in latents.artifacts, which tells the kinds of output apart
 
 
 class EncodeError(Exception):
     """The job cannot finish: another run's destination, a changed source, an empty shard, ..."""
+
+
+class ShardFailed(Exception):
+    """Raised by a worker for its shard: one line naming the shard and the root cause, no chain."""
 
 
 class RejectsExceededError(EncodeError):
@@ -78,7 +113,7 @@ class EncodeConfig:
     workers: int | None = None  # encode actors (default: one per GPU, else 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    readers: int | None = None  # concurrent read/decode tasks (default: the CPUs the encoders leave)
+    readers: int | None = None  # read/decode threads in all (default: the CPUs the encoders leave)
     max_reject_fraction: float = 0.001
     seed: int = 0  # noise seed for stored="sample"
     address: str | None = None  # Ray cluster address; None starts a local Ray
@@ -114,15 +149,16 @@ class EncodeSummary:
         )
 
 
-# ---- the stages (run in Ray workers) ----------------------------------------------------------------
+# ---- the stage (runs in Ray actors) ----------------------------------------------------------------
 
 
-def read_chunk(row: dict, resolution: int, draft: bool, reader: ImageReader | None = None) -> dict:
-    """Read + decode + crop one micro-batch; rejects are returned, not raised."""
+def read_items(
+    items: list[SourceItem], resolution: int, draft: bool, reader: ImageReader | None = None
+) -> tuple[list[str], list[int], np.ndarray, list[tuple[str, str, str, str]]]:
+    """Read + decode + crop one micro-batch: (keys, labels, (B, H, W, 3) crops, rejects); never raises for bad input."""
     reader = reader or ImageReader()
     keys, labels, crops, rejects = [], [], [], []
-    for d in json.loads(row["items"]):
-        item = SourceItem(**d)
+    for item in items:
         if item.label == UNKNOWN_LABEL:
             rejects.append((item.key, item.where, "unknown-label", item.label_error))
             continue
@@ -137,75 +173,138 @@ def read_chunk(row: dict, resolution: int, draft: bool, reader: ImageReader | No
         keys.append(item.key)
         labels.append(item.label)
     images = np.stack(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)
-    return {
-        "shard": row["shard"],
-        "chunk": row["chunk"],
-        "keys": json.dumps(keys),
-        "labels": json.dumps(labels),
-        "images": images.tobytes(),
-        "rejects": json.dumps(rejects),
-    }
+    return keys, labels, images, rejects
 
 
-class ReadStage:
-    """Ray actor: reads, decodes and crops micro-batches (keeps parquet row groups between them)."""
+class ShardStage:
+    """Ray actor: encodes whole shards and writes them (sidecar, then tar) to the destination.
 
-    def __init__(self, resolution: int, draft: bool):
-        set_torch_threads(1)  # it decodes images; torch (imported with this module) must not spin on every core
-        self.resolution, self.draft, self.reader = resolution, draft, ImageReader()
+    It holds the autoencoder; ``readers`` threads read, decode and crop the next micro-batches
+    while the encoder runs (decoding and torch release the GIL)."""
 
-    def __call__(self, row: dict) -> dict:
-        start = time.perf_counter()
-        out = read_chunk(row, self.resolution, self.draft, self.reader)
-        out["read_s"] = time.perf_counter() - start
-        return out
-
-
-class EncodeStage:
-    """Ray actor: holds the VAE; turns a decoded micro-batch into latent bytes."""
-
-    def __init__(self, vae: str, dtype: str, spec_json: str, resolution: int, seed: int, threads: int, gpu: bool):
-
+    def __init__(
+        self, selection: Selection, dest: Root, vae: str, dtype: str, spec_json: str, resolution: int,
+        draft: bool, micro_batch: int, seed: int, threads: int, readers: int, gpu: bool,
+    ):  # fmt: skip
         from latents.format import LatentSpec
         from pipeline.encode import VaeEncoder
 
         set_torch_threads(max(1, threads))
-        spec = LatentSpec(**json.loads(spec_json))
-        self.encoder = VaeEncoder(vae, vae_dtype(dtype), "cuda" if gpu else "cpu", spec, seed)
-        self.resolution = resolution
+        self.spec = LatentSpec(**json.loads(spec_json))
+        self.encoder = VaeEncoder(vae, vae_dtype(dtype), "cuda" if gpu else "cpu", self.spec, seed)
+        self.selection, self.root, self.resolution, self.draft = selection, dest, resolution, draft
+        self.micro_batch, self.readers = micro_batch, max(1, readers)
+        self.pool = ThreadPoolExecutor(self.readers)
+        self.local = threading.local()  # one ImageReader (parquet row-group cache) per thread
+        self.units: OrderedDict[str, list[SourceItem]] = OrderedDict()  # the last units listed
+
+    def _items(self, unit: Unit) -> list[SourceItem]:
+        if unit.url not in self.units:
+            self.units[unit.url] = planned_items(self.selection, unit)
+            while len(self.units) > 2:  # consecutive shards share at most a unit at each end
+                self.units.popitem(last=False)
+        return self.units[unit.url]
+
+    def _read(self, items: list[SourceItem]):
+        if not hasattr(self.local, "reader"):
+            self.local.reader = ImageReader()
+        start = time.perf_counter()
+        out = read_items(items, self.resolution, self.draft, self.local.reader)
+        return (*out, time.perf_counter() - start)
 
     def __call__(self, row: dict) -> dict:
+        try:
+            return self._encode(row)
+        except Exception as err:  # the driver shows the first exception of Ray's traceback text: this one
+            raise ShardFailed(f"shard {row['shard']}: {type(err).__name__}: {err}") from None
+
+    def _encode(self, row: dict) -> dict:
+        index, plan = int(row["shard"]), row["plan"]
+        items = [it for u, lo, hi in json.loads(row["span"]) for it in self._items(Unit(**u))[lo:hi]]
+        chunks = [items[i : i + self.micro_batch] for i in range(0, len(items), self.micro_batch)]
+        rejects: list = []
+        seconds = {"read": 0.0, "vae": 0.0}
+
+        def samples():  # read ahead on the threads, encode in plan order
+            ahead: deque = deque()
+            pending = iter(chunks)
+            for chunk in itertools.islice(pending, self.readers + 1):
+                ahead.append(self.pool.submit(self._read, chunk))
+            while ahead:
+                keys, labels, images, bad, read_s = ahead.popleft().result()
+                for chunk in itertools.islice(pending, 1):
+                    ahead.append(self.pool.submit(self._read, chunk))
+                rejects.extend(bad)
+                seconds["read"] += read_s
+                if keys:
+                    t = time.perf_counter()
+                    latents = self.encoder(images, keys)
+                    seconds["vae"] += time.perf_counter() - t
+                    yield from zip(keys, labels, latents, strict=True)
+
         start = time.perf_counter()
-        keys = json.loads(row["keys"])
-        t = self.resolution
-        images = np.frombuffer(row["images"], np.uint8).reshape(len(keys), t, t, 3)
-        latents = self.encoder(images, keys) if keys else np.zeros(0, np.float16)
-        out = {k: row[k] for k in ("shard", "chunk", "keys", "labels", "rejects", "read_s")}
-        out["latents"] = latents.tobytes()
-        out["encode_s"] = time.perf_counter() - start
-        return out
+        stream = samples()
+        first = next(stream, None)
+        if first is None:
+            info = write_empty_shard_info(self.root, index, self.spec, rejects, plan)
+        else:  # write_shard reads ``rejects`` after it has consumed every sample
+            info = write_shard(self.root, index, itertools.chain([first], stream), self.spec,
+                               sidecar=True, rejects=rejects, plan=plan)  # fmt: skip
+        write_s = time.perf_counter() - start - seconds["read"] - seconds["vae"]
+        return {
+            "shard": index, "encoded": info.num_samples, "rejected": len(rejects),
+            "read_s": seconds["read"], "encode_s": seconds["vae"], "write_s": max(0.0, write_s),
+        }  # fmt: skip
 
 
 # ---- planning -------------------------------------------------------------------------------------
 
 
-def plan_shards(items: list[SourceItem], samples_per_shard: int) -> list[list[SourceItem]]:
-    """Consecutive runs of ``samples_per_shard`` sorted items."""
-    return [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+class ShardPlan:
+    """Shard ``i`` = items ``[i*S, (i+1)*S)`` of the sorted listing, as (unit, first, last) spans.
+
+    Held as the units' cumulative counts: O(units) memory, whatever the number of images."""
+
+    def __init__(self, units: list[Unit], samples_per_shard: int):
+        self.units, self.per_shard = units, samples_per_shard
+        self.starts = [0, *itertools.accumulate(u.count for u in units)]
+        self.num_items = self.starts[-1]
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_items / self.per_shard)
+
+    def span(self, index: int) -> list[tuple[Unit, int, int]]:
+        lo, hi = index * self.per_shard, min((index + 1) * self.per_shard, self.num_items)
+        out = []
+        u = bisect.bisect_right(self.starts, lo) - 1
+        while lo < hi:
+            first, end = self.starts[u], self.starts[u + 1]
+            take = min(hi, end)
+            if take > lo:
+                out.append((self.units[u], lo - first, take - first))
+            lo = take
+            u += 1
+        return out
+
+    def size(self, index: int) -> int:
+        return min((index + 1) * self.per_shard, self.num_items) - index * self.per_shard
+
+    def digest(self, index: int) -> str:
+        """Names the shard's inputs (units' digests and ranges): a sidecar records it."""
+        text = json.dumps([[u.prefix, u.digest, lo, hi] for u, lo, hi in self.span(index)])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def row(self, index: int) -> dict:
+        span = [[asdict(u), lo, hi] for u, lo, hi in self.span(index)]
+        return {"shard": index, "span": json.dumps(span), "plan": self.digest(index)}
 
 
-def plan_chunks(shard: list[SourceItem], micro_batch: int) -> list[list[SourceItem]]:
-    return [shard[i : i + micro_batch] for i in range(0, len(shard), micro_batch)]
-
-
-def run_description(
-    cfg: EncodeConfig, source: Source, spec, samples_per_shard: int, num_items: int, identity: dict
-) -> dict:
+def run_description(cfg: EncodeConfig, listing: Listing, spec, samples_per_shard: int, identity: dict) -> dict:
     """What makes two runs the same run (and their shards interchangeable)."""
     return {
         "format_version": FORMAT_VERSION,
-        "source_fingerprint": source.fingerprint,
-        "source_images": num_items,
+        "source_fingerprint": listing.fingerprint,
+        "source_images": listing.num_items,
         "resolution": cfg.resolution,
         "vae": cfg.vae,
         "autoencoder": identity,
@@ -214,7 +313,7 @@ def run_description(
         "samples_per_shard": samples_per_shard,
         "micro_batch": cfg.micro_batch,
         "draft": cfg.draft,
-        "num_classes": source.num_classes,
+        "num_classes": listing.selection.num_classes,
         "seed": cfg.seed,
     }
 
@@ -247,13 +346,12 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     start = time.time()
     require_output(cfg.dest, Kind.LATENT_DATASET, "DST")  # before any work or write
     require_not_artifact(cfg.source, "SRC", "images")
-    source = list_source(
-        cfg.source, cfg.source_format, class_list=cfg.class_list, labels=cfg.labels, num_classes=cfg.num_classes
-    )
-    items = select(source.items, cfg.classes, cfg.limit, source.class_names)
-    if not items:
+    listing = scan(
+        cfg.source, cfg.source_format, class_list=cfg.class_list, labels=cfg.labels, num_classes=cfg.num_classes,
+        classes=cfg.classes, limit=cfg.limit,
+    )  # fmt: skip
+    if not listing.num_items:
         raise EncodeError(f"{cfg.source}: no images selected (--classes {cfg.classes}, --limit {cfg.limit})")
-    source = Source(source.url, source.format, items, source.num_classes, source.class_names)
     ae = load_autoencoder(cfg.vae)  # on the driver: a missing or unsupported autoencoder fails before any work
     try:
         spec = latent_spec(ae, cfg.resolution, cfg.stored)
@@ -261,118 +359,121 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
         raise EncodeError(f"--resolution {cfg.resolution} / --stored with VAE {cfg.vae}: {err}") from None
     identity, transform = ae.identity, ae.own_transform()
     del ae
-    per_shard = cfg.shard_size or spec.samples_per_shard()
-    plan = plan_shards(items, per_shard)
+    plan = ShardPlan(listing.units, cfg.shard_size or spec.samples_per_shard())
     root = Root(cfg.dest)
     recorded = {k: identity[k] for k in ("class", "config_sha256")}
-    run = run_description(cfg, source, spec, per_shard, len(items), recorded)
+    run = run_description(cfg, listing, spec, plan.per_shard, recorded)
+    total = listing.num_items
     if check_destination(root, run):
         card = DatasetCard.from_json(root.read_bytes(CARD_NAME).decode(), root.url_of(CARD_NAME))
         counts = card.extra.get("counts", {})
         return EncodeSummary(
-            root.url, len(items), card.num_samples, counts.get("rejected", 0), card.num_shards, card.num_shards, 0,
+            root.url, total, card.num_samples, counts.get("rejected", 0), card.num_shards, card.num_shards, 0,
             card.total_bytes, time.time() - start, counts.get("rejected_by_reason", {}),
         )  # fmt: skip
     if not root.exists(RUN_NAME):
         root.publish_bytes(RUN_NAME, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
 
-    shards: dict[int, ShardInfo] = {}
-    rejects: list[tuple[str, str, str, str]] = []
-    committed = [i for i in range(len(plan)) if shard_committed(root, i)]
-    with ThreadPoolExecutor(8) as pool:  # adopting reads each committed shard back (its statistics)
-        for i, info in zip(committed, pool.map(lambda i: read_shard_info(root, i, spec), committed), strict=True):
-            rejects.extend(_adopted_rejects(root, i, info, plan[i], cfg))
-            shards[i] = info
-    adopted, adopted_samples = len(shards), sum(s.num_samples for s in shards.values())
-    pending = [i for i in range(len(plan)) if i not in shards]
+    pending = _pending_shards(root, plan)
     stage_seconds: dict[str, float] = {}
-    empty: list[int] = []
+    encoded_now = 0
     if pending:
-        new_rejects, empty = _encode_pending(cfg, root, spec, plan, pending, shards, adopted, stage_seconds)
-        rejects.extend(new_rejects)
-    rejects.sort()
-    root.publish_bytes(REJECTS_NAME, _rejects_parquet(rejects))
-    if rejects and len(rejects) == len(items):
-        by_reason = {}
-        for r in rejects:
-            by_reason[r[2]] = by_reason.get(r[2], 0) + 1
+        encoded_now = _encode_pending(cfg, root, spec, listing.selection, plan, pending, stage_seconds)
+    root.fs.invalidate_cache()  # the workers wrote shards and sidecars since this process listed them
+    encoded, rejected, by_reason, empty, rejects_bytes = _tally(root, plan)
+    root.publish_bytes(REJECTS_NAME, rejects_bytes)
+    if rejected and rejected == total:
         raise EncodeError(
-            f"{cfg.source}: all {plural(len(items), 'input')} were rejected ({tally(by_reason)}); nothing was "
+            f"{cfg.source}: all {plural(total, 'input')} were rejected ({tally(by_reason)}); nothing was "
             f"encoded. See {root.url_of(REJECTS_NAME)} for each file and why"
         )
     if empty:
         raise EncodeError(
-            f"{root.url}: every input of {plural(len(empty), 'shard')} {empty} was rejected "
+            f"{root.url}: every input of {plural(len(empty), 'shard')} {empty[:20]} was rejected "
             f"(see {root.url_of(REJECTS_NAME)}), so the "
             f"shard plan has a hole; fix or drop those inputs and encode to a new destination"
         )
-    encoded = sum(s.num_samples for s in shards.values())
-    if encoded + len(rejects) != len(items):
-        raise EncodeError(f"counts do not reconcile: {encoded} encoded + {len(rejects)} rejected != {len(items)}")
-    by_reason: dict[str, int] = {}
-    for r in rejects:
-        by_reason[r[2]] = by_reason.get(r[2], 0) + 1
-    if len(rejects) > cfg.max_reject_fraction * len(items):
+    if encoded + rejected != total:
+        raise EncodeError(f"counts do not reconcile: {encoded} encoded + {rejected} rejected != {total}")
+    if rejected > cfg.max_reject_fraction * total:
         raise RejectsExceededError(
-            f"{len(rejects)} of {len(items)} inputs rejected ({100 * len(rejects) / len(items):.3f}% > "
+            f"{rejected} of {total} inputs rejected ({100 * rejected / total:.3f}% > "
             f"--max-reject-fraction {cfg.max_reject_fraction}): {tally(by_reason)}; see {root.url_of(REJECTS_NAME)}. "
             f"Every shard is committed; rerun with a higher --max-reject-fraction to accept them."
         )
-    counts = {"source": len(items), "encoded": encoded, "rejected": len(rejects), "rejected_by_reason": by_reason}
+    counts = {"source": total, "encoded": encoded, "rejected": rejected, "rejected_by_reason": by_reason}
     extra = {
         "counts": counts,
         "rejects": REJECTS_NAME,
         "encoder": {k: run[k] for k in ("dtype", "micro_batch", "draft", "samples_per_shard", "seed")},
         "source_url": cfg.source,
-        "source_format": source.format.value,
+        "source_format": listing.selection.format.value,
     }
+    stale = [n[: n.index(TEMP_MARK)] for n in root.list(SIDECAR_DIR) if TEMP_MARK in n]
+    root.sweep_temporaries(sorted(set(stale)))  # finalize sweeps the shards' and the index's own
     card = finalize(
-        root, list(shards.values()), spec=spec, resolution=cfg.resolution, vae=cfg.vae, autoencoder=identity,
-        transform=transform, num_classes=source.num_classes, source_fingerprint=source.fingerprint, extra=extra,
+        root, iter_shard_infos(root, len(plan), spec), spec=spec, resolution=cfg.resolution, vae=cfg.vae,
+        autoencoder=identity, transform=transform, num_classes=listing.selection.num_classes,
+        source_fingerprint=listing.fingerprint, extra=extra,
     )  # fmt: skip
     return EncodeSummary(
-        root.url, len(items), encoded, len(rejects), card.num_shards, adopted, encoded - adopted_samples,
+        root.url, total, encoded, rejected, card.num_shards, len(plan) - len(pending), encoded_now,
         card.total_bytes, time.time() - start, by_reason, stage_seconds,
     )  # fmt: skip
 
 
-def _adopted_rejects(root: Root, index: int, info: ShardInfo, planned: list[SourceItem], cfg: EncodeConfig) -> list:
-    """Rejects of a shard committed earlier: the planned keys it lacks, with their reasons found again."""
-    planned_keys = [it.key for it in planned]
-    position = {k: n for n, k in enumerate(planned_keys)}
-    order = [position.get(k, -1) for k in info.keys]
-    if -1 in order or order != sorted(order):
-        raise EncodeError(
-            f"{root.url_of(info.name)} is committed with other samples than this run's plan "
-            f"(first keys {info.keys[:3]} vs {planned_keys[:3]}): encode to a new destination"
-        )
-    have = set(info.keys)
-    missing = [it for it in planned if it.key not in have]
-    if not missing:
-        return []
-    row = {"shard": index, "chunk": 0, "items": json.dumps([it.to_row() for it in missing])}
-    out = read_chunk(row, cfg.resolution, cfg.draft)
-    readable = json.loads(out["keys"])
-    if readable:
-        raise EncodeError(
-            f"{root.url_of(info.name)} was committed without {readable[:3]} ({len(readable)} in all), which now "
-            f"read fine: the source changed since that shard was written; encode to a new destination"
-        )
-    return [tuple(r) for r in json.loads(out["rejects"])]
+def _pending_shards(root: Root, plan: ShardPlan) -> list[int]:
+    """The shards not committed yet. A tar is committed; a sidecar without a tar is committed only
+    for a shard whose every input was rejected (else its writer was killed before the tar)."""
+    tars, sidecars = set(root.list(SHARD_DIR)), set(root.list(SIDECAR_DIR))
+    pending = []
+    for i in range(len(plan)):
+        tar, side = shard_name(i), sidecar_name(i)  # names relative to the root, as Root.list gives them
+        if tar in tars and side not in sidecars:
+            raise EncodeError(
+                f"{root.url_of(shard_name(i))} is committed without its sidecar {sidecar_name(i)}: it was not "
+                f"written by this version of `sit encode`; encode to a new destination"
+            )
+        if tar not in tars and (side not in sidecars or read_sidecar(root, i).num_samples):
+            pending.append(i)
+    return pending
+
+
+def _tally(root: Root, plan: ShardPlan) -> tuple[int, int, dict[str, int], list[int], bytes]:
+    """One pass over the sidecars: (encoded, rejected, rejects by reason, empty shards, rejects.parquet)."""
+    encoded, rejected, by_reason, empty = 0, 0, {}, []
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, REJECTS_SCHEMA, compression="zstd") as writer:
+        for info in iter_shard_infos(root, len(plan)):
+            i = info.index
+            if info.plan != plan.digest(i):
+                raise EncodeError(
+                    f"{root.url_of(sidecar_name(i))} was written for other inputs than this run's plan: "
+                    f"encode to a new destination"
+                )
+            if info.num_samples + len(info.rejects) != plan.size(i):
+                raise EncodeError(
+                    f"{root.url_of(sidecar_name(i))}: {info.num_samples} encoded + {len(info.rejects)} rejected "
+                    f"!= the {plan.size(i)} inputs planned"
+                )
+            encoded += info.num_samples
+            rejected += len(info.rejects)
+            empty += [] if info.num_samples else [i]
+            for r in info.rejects:
+                by_reason[r[2]] = by_reason.get(r[2], 0) + 1
+            if info.rejects:  # shards are in key order, each shard's rejects too: the file is sorted
+                columns = list(zip(*sorted(info.rejects), strict=True))
+                writer.write_table(
+                    pa.table(dict(zip(REJECTS_SCHEMA.names, columns, strict=True)), schema=REJECTS_SCHEMA)
+                )
+    return encoded, rejected, by_reason, empty, sink.getvalue().to_pybytes()
 
 
 def _encode_pending(
-    cfg: EncodeConfig,
-    root: Root,
-    spec,
-    plan: list[list[SourceItem]],
-    pending: list[int],
-    shards: dict,
-    adopted: int,
+    cfg: EncodeConfig, root: Root, spec, selection: Selection, plan: ShardPlan, pending: list[int],
     seconds: dict[str, float],
-) -> tuple[list, list[int]]:
-    """Encode and publish the pending shards; fills ``shards`` and the per-stage ``seconds``;
-    returns (rejects, indices of shards whose every input was rejected)."""
+) -> int:  # fmt: skip
+    """Encode and write the pending shards on Ray; fills the per-stage ``seconds``; returns the samples encoded."""
     import ray
     from tqdm import tqdm
 
@@ -385,89 +486,50 @@ def _encode_pending(
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     workers = cfg.workers or (max(1, int(ray.cluster_resources().get("GPU", 0) / gpus)) if gpus else 1)
     readers = cfg.readers or max(1, int(ray.cluster_resources().get("CPU", 1) - workers * cfg.cpus_per_worker))
-
-    rows, chunks_per_shard = [], {}
-    for i in pending:
-        chunks = plan_chunks(plan[i], cfg.micro_batch)
-        chunks_per_shard[i] = len(chunks)
-        for j, chunk in enumerate(chunks):
-            rows.append({"shard": i, "chunk": j, "items": json.dumps([it.to_row() for it in chunk])})
+    workers = min(workers, len(pending))
     spec_json = json.dumps({"latent_shape": list(spec.latent_shape), "stored": spec.stored, "flips": spec.flips})
     env = {"env_vars": worker_env()}  # endpoints and regions, never secrets
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # one row (one block) per shard: the unit of work, a few hundred bytes; never a row per image
+    ds = ray.data.from_items([plan.row(i) for i in pending], override_num_blocks=len(pending))
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only through its deprecated **ray_remote_args
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map(  # an actor pool, never fused with the encoders: decoding runs beside them
-            ReadStage,
-            fn_constructor_kwargs={"resolution": cfg.resolution, "draft": cfg.draft},
-            num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=readers),
-            runtime_env=env,
-            **NO_RESTARTS,
-        )
         ds = ds.map(
-            EncodeStage,
+            ShardStage,
             fn_constructor_kwargs={
+                "selection": selection,
+                "dest": root,
                 "vae": cfg.vae,
                 "dtype": cfg.dtype,
                 "spec_json": spec_json,
                 "resolution": cfg.resolution,
+                "draft": cfg.draft,
+                "micro_batch": cfg.micro_batch,
                 "seed": cfg.seed,
                 "threads": int(cfg.cpus_per_worker),
+                "readers": math.ceil(readers / workers),
                 "gpu": gpus > 0,
             },
-            num_cpus=cfg.cpus_per_worker,
+            num_cpus=cfg.cpus_per_worker + readers / workers,
             num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(size=workers),
             runtime_env=env,
             **NO_RESTARTS,
         )
-
-    total_images = sum(len(plan[i]) for i in pending)
+    total_images = sum(plan.size(i) for i in pending)
     bar = tqdm(total=total_images, unit="img", desc="encode", disable=not cfg.progress, dynamic_ncols=True)
-    buffers: dict[int, dict[int, dict]] = {}
-    rejects: list = []
-    empty: list[int] = []
-    writes: dict[int, Future] = {}
-    done = adopted
-
     seconds.update({"read+decode+crop": 0.0, "vae": 0.0, "write": 0.0})
-    lock = threading.Lock()
-
-    def timed_write(i: int, samples: list) -> ShardInfo:
-        t = time.perf_counter()
-        info = write_shard(root, i, samples, spec)
-        with lock:
-            seconds["write"] += time.perf_counter() - t
-        return info
-
-    def postfix() -> None:
-        bar.set_postfix_str(f"shards {done}/{len(plan)}, rejects {len(rejects)}", refresh=False)
-
-    with ThreadPoolExecutor(2) as pool:  # zstd and uploads release the GIL
-        for row in _rows(ds):
-            i, j = int(row["shard"]), int(row["chunk"])
-            buffers.setdefault(i, {})[j] = row
-            seconds["read+decode+crop"] += row["read_s"]
-            seconds["vae"] += row["encode_s"]
-            rejects.extend(tuple(r) for r in json.loads(row["rejects"]))
-            bar.update(len(json.loads(row["keys"])) + len(json.loads(row["rejects"])))
-            if len(buffers[i]) == chunks_per_shard[i]:
-                samples = list(_shard_samples(buffers.pop(i), spec))
-                if samples:
-                    writes[i] = pool.submit(timed_write, i, samples)
-                else:
-                    empty.append(i)
-            for k in [k for k, f in writes.items() if f.done()]:
-                shards[k] = writes.pop(k).result()
-                done += 1
-            postfix()
-        for k, f in writes.items():
-            shards[k] = f.result()
-            done += 1
-    postfix()
+    done, rejected, encoded = len(plan) - len(pending), 0, 0
+    for row in _rows(ds):
+        seconds["read+decode+crop"] += row["read_s"]
+        seconds["vae"] += row["encode_s"]
+        seconds["write"] += row["write_s"]
+        encoded += int(row["encoded"])
+        rejected += int(row["rejected"])
+        done += 1
+        bar.update(int(row["encoded"]) + int(row["rejected"]))
+        bar.set_postfix_str(f"shards {done}/{len(plan)}, rejects {rejected}", refresh=False)
     bar.close()
-    return rejects, sorted(empty)
+    return encoded
 
 
 def _rows(ds):
@@ -481,20 +543,3 @@ def _rows(ds):
         lines = [line for line in str(err).splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
         cause = next((line for line in lines if not line.startswith("ray.")), lines[0] if lines else repr(err))
         raise EncodeError(f"a Ray worker failed: {cause} (Ray's log: {ray_log_file()})") from err
-
-
-def _shard_samples(chunks: dict[int, dict], spec):
-    """(key, label, array) of a shard's micro-batches, in plan order."""
-    for j in sorted(chunks):
-        row = chunks[j]
-        keys, labels = json.loads(row["keys"]), json.loads(row["labels"])
-        latents = np.frombuffer(row["latents"], spec.storage_dtype).reshape(len(keys), *spec.sample_shape)
-        yield from zip(keys, labels, latents, strict=True)
-
-
-def _rejects_parquet(rejects: list[tuple[str, str, str, str]]) -> bytes:
-    columns = list(zip(*rejects, strict=True)) if rejects else [[], [], [], []]
-    table = pa.table({n: list(c) for n, c in zip(REJECTS_SCHEMA.names, columns, strict=True)}, schema=REJECTS_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()

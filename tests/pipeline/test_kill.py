@@ -1,55 +1,113 @@
-"""Exactly once: SIGKILL `sit encode` after some shards are committed, rerun with another worker count,
-and get byte-for-byte the dataset of an uninterrupted run."""
+"""Exactly once: SIGKILL the whole `sit encode` job (its driver's process group) at a random point
+while the workers write shards, on local disk and on S3; rerun with another worker count and get
+byte-for-byte the dataset of an uninterrupted run, without rewriting any shard committed before
+the kill; orphans that a killed worker leaves are swept."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from latents.format import CARD_NAME
 from latents.storage import TEMP_MARK
 from latents.verify import verify
+from latents.writer import SIDECAR_DIR
 from tests.pipeline.conftest import MICRO_BATCH, RESOLUTION, SHARD_SIZE, dataset_files
 
+SHARDS = 13  # 204 inputs, 16 per shard
 
-def _encode(src: str, dst: Path, vae: Path, address: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "cluster.cli", "encode", src, str(dst), "--vae", str(vae), "--address", address]
+
+def _encode(src: str, dst: str, vae: Path, address: str, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "cluster.cli", "encode", src, dst, "--vae", str(vae), "--address", address]
     args += ["--resolution", str(RESOLUTION), "--shard-size", str(SHARD_SIZE), "--micro-batch", str(MICRO_BATCH)]
     args += ["--max-reject-fraction", "0.05", "--quiet", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group: the kill takes the driver and every process it started
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _committed(dst: Path) -> list[str]:
-    shards = dst / "shards"
-    return sorted(p.name for p in shards.glob("*.tar")) if shards.is_dir() else []
+def _committed(dst: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(dst)
+    fs.invalidate_cache()
+    try:
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{path}/shards") if p.endswith(".tar"))
+    except FileNotFoundError:
+        return []
+
+
+def _kill_at_random_point(src: str, dst: str, vae: Path, address: str) -> list[str]:
+    """Run the job; SIGKILL its process group once a random number of shards is committed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    target = random.Random(seed).randint(1, SHARDS - 3)
+    proc = _encode(src, dst, vae, address)
+    deadline = time.time() + 300
+    while len(_committed(dst)) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the job ended before the kill: {proc.communicate()[1][-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = _committed(dst)
+    assert target <= len(committed) < SHARDS, f"seed {seed}: killed at {committed}, wanted {target} shards"
+    fs, path = fsspec.core.url_to_fs(dst)
+    assert not fs.exists(f"{path}/{CARD_NAME}")
+    return committed
+
+
+def _rerun(src: str, dst: str, vae: Path, address: str, committed: list[str]) -> str:
+    # the rerun adopts what is committed and encodes the rest with two encode actors instead of one
+    rerun = _encode(src, dst, vae, address, "--workers", "2", "--cpus-per-worker", "0.5")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "200 encoded + 4 rejected = 204 source images" in out
+    adopted = int(out.split(" from an earlier run")[0].rsplit("(", 1)[1])
+    assert len(committed) <= adopted < SHARDS, out  # a killed worker may have committed one more after the count
+    fsspec.core.url_to_fs(dst)[0].invalidate_cache()  # this process listed shards/ while the job ran
+    assert verify(dst).ok
+    return out
 
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_uninterrupted_bytes(encoded_folder, sources, tiny_vae_dir, ray_address, tmp_path):
     src, dst = sources["imagefolder"][0], tmp_path / "killed"
-    proc = _encode(src, dst, tiny_vae_dir, ray_address)
-    deadline = time.time() + 120
-    while len(_committed(dst)) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = _committed(dst)
-    assert 3 <= len(committed) < 13, f"killed too late to test anything: {committed}"
-    assert not (dst / CARD_NAME).exists()
+    committed = _kill_at_random_point(src, str(dst), tiny_vae_dir, ray_address)
+    before = {n: (dst / "shards" / n).stat() for n in committed}
+    # what a worker killed while publishing leaves: temporaries next to a committed and a pending shard
+    orphans = [
+        dst / "shards" / f"{committed[0]}{TEMP_MARK}0123456789ab",
+        dst / SIDECAR_DIR / f"000012.json{TEMP_MARK}ab",
+    ]
+    for orphan in orphans:
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"half a shard")
 
-    # the rerun adopts what is committed and encodes the rest with two encode actors instead of one
-    rerun = _encode(src, dst, tiny_vae_dir, ray_address, "--workers", "2", "--cpus-per-worker", "0.5")
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err[-3000:]
-    assert "200 encoded + 4 rejected = 204 source images" in out
-    assert f"({len(committed)} from an earlier run)" in out or f"({len(committed) + 1} from an earlier run)" in out
-    assert verify(str(dst)).ok
+    _rerun(src, str(dst), tiny_vae_dir, ray_address, committed)
+    for name, stat in before.items():  # committed before the kill: never written again
+        after = (dst / "shards" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+    assert not any(orphan.exists() for orphan in orphans)
     files = dataset_files(str(dst))
     assert not [n for n in files if TEMP_MARK in n]
-    assert files == dataset_files(encoded_folder.url)  # every shard, samples, manifest, rejects, card
+    assert files == dataset_files(encoded_folder.url)  # every shard and sidecar, index, rejects, card
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_on_s3(encoded_folder, sources, tiny_vae_dir, ray_address, s3_bucket):
+    src, dst = sources["imagefolder"][0], f"{s3_bucket}/killed"
+    committed = _kill_at_random_point(src, dst, tiny_vae_dir, ray_address)
+    fs = fsspec.filesystem("s3")
+    tags = {n: fs.info(f"{dst}/shards/{n}")["ETag"] for n in committed}
+    _rerun(src, dst, tiny_vae_dir, ray_address, committed)
+    fs.invalidate_cache()
+    assert {n: fs.info(f"{dst}/shards/{n}")["ETag"] for n in committed} == tags
+    local = dataset_files(encoded_folder.url)
+    remote = {p[len(dst) - len("s3://") + 1 :]: fs.cat_file(p) for p in fs.find(dst)}
+    assert sorted(remote) == sorted(local)
+    for name, data in local.items():
+        assert remote[name] == data, name  # the same bytes as the uninterrupted local run, card included

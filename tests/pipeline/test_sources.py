@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
+import posixpath
+from typing import ClassVar
 
-from pipeline.job import read_chunk
-from pipeline.sources import UNKNOWN_LABEL, ImageReader, SourceError, SourceFormat, list_source, select
+import fsspec
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.job import read_items
+from pipeline.sources import (
+    UNKNOWN_LABEL,
+    ImageReader,
+    Source,
+    SourceError,
+    SourceFormat,
+    detect_format,
+    list_source,
+    planned_items,
+    scan,
+    select,
+)
 
 
 def _read_all(source) -> dict[str, bytes]:
@@ -52,9 +68,8 @@ def test_class_list_labels_and_unknown_classes(sources, tmp_path):
         assert by_key[key].label == want
         if want == UNKNOWN_LABEL:
             assert "n00000003" in by_key[key].label_error
-    row = {"shard": 0, "chunk": 0, "items": __import__("json").dumps([by_key["n00000003/n00000003_0000"].to_row()])}
-    out = read_chunk(row, 64, False)
-    assert out["keys"] == "[]" and '"unknown-label"' in out["rejects"]
+    keys, _, _, rejects = read_items([by_key["n00000003/n00000003_0000"]], 64, False)
+    assert keys == [] and rejects[0][2] == "unknown-label"
 
 
 def test_classes_and_limit(sources):
@@ -98,3 +113,74 @@ def test_colliding_keys_are_an_error(tmp_path, images):
 def test_missing_source_is_an_error(tmp_path):
     with pytest.raises(SourceError, match="no files"):
         list_source(str(tmp_path / "nowhere"))
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The local filesystem, recording every folder it lists (to show what listing touches)."""
+
+    protocol = ("countfile",)
+    listed: ClassVar[list[str]] = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("countfile://") if isinstance(path, str) else path)
+
+    def ls(self, path, detail=True, **kwargs):
+        CountingFileSystem.listed.append(posixpath.basename(str(path).rstrip("/")))
+        return super().ls(path, detail=detail, **kwargs)
+
+
+@pytest.fixture
+def many_classes(tmp_path, images) -> str:
+    """40 class folders of 3 images each, on the counting filesystem."""
+    fsspec.register_implementation("countfile", CountingFileSystem, clobber=True)
+    good = [im for im in images if not im.broken][:3]
+    for c in range(40):
+        folder = tmp_path / "train" / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for j, im in enumerate(good):
+            (folder / f"n{c:08d}_{j}.JPEG").write_bytes(im.data)
+    CountingFileSystem.listed = []
+    return f"countfile://{tmp_path / 'train'}"
+
+
+def test_limit_and_classes_list_only_what_they_need(many_classes):
+    listing = scan(many_classes, SourceFormat.IMAGEFOLDER, limit=7, threads=2)  # (AUTO samples 3 folders more)
+    assert listing.num_items == 7 and [u.count for u in listing.units] == [3, 3, 1]
+    folders = [f for f in CountingFileSystem.listed if f.startswith("n")]
+    assert set(folders) <= {f"n{c:08d}" for c in range(5)}, folders  # 3 needed + at most 2 listed ahead
+    assert len(folders) == len(set(folders))  # each listed once
+
+    CountingFileSystem.listed = []
+    listing = scan(many_classes, SourceFormat.IMAGEFOLDER, classes="n00000031,7")
+    assert [u.prefix for u in listing.units] == ["n00000007", "n00000031"] and listing.num_items == 6
+    assert sorted(f for f in CountingFileSystem.listed if f.startswith("n")) == ["n00000007", "n00000031"]
+
+
+def test_format_is_detected_from_a_bounded_sample(many_classes):
+    assert detect_format(many_classes, None) is SourceFormat.IMAGEFOLDER
+    assert len(CountingFileSystem.listed) <= 4  # the root and at most 3 folders, not 40
+
+
+def test_scan_agrees_with_the_full_listing(sources):
+    for layout in ("imagefolder", "parquet", "wds"):
+        url, _ = sources[layout]
+        full, listing = list_source(url), scan(url, threads=3)
+        assert listing.fingerprint == full.fingerprint and listing.num_items == len(full.items)
+        items = [it for u in listing.units for it in planned_items(listing.selection, u)]
+        assert items == full.items
+        limited = scan(url, limit=30)
+        assert limited.fingerprint == Source(url, full.format, full.items[:30], 4, []).fingerprint
+
+
+def test_a_changed_unit_is_caught_by_its_digest(sources, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sources["imagefolder"][0], copy)
+    listing = scan(str(copy))
+    victim = next((copy / listing.units[1].prefix).iterdir())
+    victim.write_bytes(victim.read_bytes() + b"\0")  # same name, another size
+    planned_items(listing.selection, listing.units[0])
+    with pytest.raises(SourceError, match="changed since the job listed it"):
+        planned_items(listing.selection, listing.units[1])
