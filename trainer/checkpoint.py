@@ -245,8 +245,8 @@ class _HashingWriter(FsspecWriter):
 
 
 class _VerifyingReader(FsspecReader):
-    """DCP's fsspec reader reading each file of ``fs.check`` once, in offset order, every byte hashed;
-    each item is handed to DCP from the bytes just read."""
+    """DCP's fsspec reader reading each file of ``fs.check`` once, in offset order, every byte hashed,
+    and of other files only the items needed; each item is handed to DCP from the bytes just read."""
 
     def __init__(self, path: str, fs: _HashingFileSystem, **storage_options):
         super().__init__(path, **storage_options)
@@ -261,8 +261,10 @@ class _VerifyingReader(FsspecReader):
         return super().read_data(dataclasses.replace(plan, items=sorted(plan.items, key=where)), planner)
 
     def _slice_file(self, file, sinfo):
-        if not isinstance(file, _HashingStream):  # another rank's file: its owner checks it
-            return super()._slice_file(file, sinfo)
+        """The item's bytes, read once (torch.load would read a file view's zip records twice)."""
+        if not isinstance(file, _HashingStream):  # another rank's file, for a replicated item: its owner checks it
+            file.seek(sinfo.offset)
+            return io.BytesIO(file.read(sinfo.length))
         file.skip_to(sinfo.offset)
         return io.BytesIO(file.read_exactly(sinfo.length))
 

@@ -3,6 +3,7 @@ nine damage cases, fallback, retention, object storage (moto S3)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -11,10 +12,18 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.trainer.conftest import assert_identical, consolidated, tiny_config, write_toy_dataset
+from tests.trainer.conftest import (
+    assert_identical,
+    consolidated,
+    run,
+    tiny_config,
+    train_command,
+    write_toy_dataset,
+)
 from trainer.checkpoint import MARKER, CheckpointError, CheckpointManager, DamagedCheckpointError, step_folder
 from trainer.train import train
 
@@ -172,3 +181,52 @@ def test_async_save_writes_the_same_checkpoints(tmp_path, data, trained_once):
         ours, blocking = step_folder(f"{run_dir}/checkpoints", step), step_folder(f"{trained_once}/checkpoints", step)
         CheckpointManager(f"{run_dir}/checkpoints").verify(ours)
         assert_identical(consolidated(blocking, tmp_path), consolidated(ours, tmp_path))
+
+
+def _replicated_bytes(folder: Path) -> dict[str, int]:
+    """Per file, the bytes of its items that every rank loads: bytes items and unsharded tensors
+    (one chunk; e.g. the optimizer's step counts), which DCP saves once, in one rank's file."""
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    whole = {
+        fqn
+        for fqn, m in metadata.state_dict_metadata.items()
+        if not isinstance(m, TensorStorageMetadata) or len(m.chunks) == 1
+    }
+    out: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if index.fqn in whole:
+            out[info.relative_path] = out.get(info.relative_path, 0) + info.length
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_save_reads_nothing_and_resume_reads_own_share(tmp_path, data):
+    """Bytes read per rank, counted by a real fsspec file system (tests/trainer/count_reads.py): saving
+    reads nothing back; resuming, each rank reads its own files once, the marker and .metadata, and
+    of the other rank's file only the replicated items it needs - never the whole checkpoint."""
+    run_dir = tmp_path / "run"
+    flags = [f"checkpoint.url=counting://{run_dir}/checkpoints", "checkpoint.every=3", "data.global_batch_size=8"]
+    flags += ["export=false"]
+    command = train_command(2, data, str(run_dir), *flags)
+    probe = [*command[: command.index("trainer.train")], "tests.trainer.count_reads"]
+    flags = command[command.index("trainer.train") + 1 :]
+
+    def reads(out: Path, steps: int) -> list[dict[str, int]]:
+        done = run([*probe, str(out), *flags, "--set", f"total_steps={steps}"])
+        assert done.returncode == 0, done.stdout
+        return [json.loads((out / f"reads-{rank}.json").read_text()) for rank in (0, 1)]
+
+    assert reads(tmp_path / "save", 3) == [{}, {}]  # a fresh run writes step 3: nothing read
+    folder = run_dir / "checkpoints" / "step-000000003"
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    total = sum(sizes.values())
+    replicated = _replicated_bytes(folder)
+    for rank, counts in enumerate(reads(tmp_path / "resume", 4)):
+        assert all(Path(p).parent == folder for p in counts), counts  # saving step 4 read nothing either
+        got = {Path(p).name: n for p, n in counts.items()}
+        own, other = f"__{rank}_0.distcp", f"__{1 - rank}_0.distcp"
+        assert got[own] == sizes[own] and got[f"rank-{rank:05d}.pt"] == sizes[f"rank-{rank:05d}.pt"]
+        assert got[MARKER] == sizes[MARKER] and got[".metadata"] == sizes[".metadata"]
+        assert got.get(other, 0) == replicated.get(other, 0), (rank, got, replicated)
+        assert f"rank-{1 - rank:05d}.pt" not in got
+        assert sum(got.values()) < 0.6 * total, (rank, got, sizes)
