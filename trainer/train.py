@@ -304,7 +304,7 @@ class Trainer:
         ok = stats[2] == 0 and math.isfinite(grad_norm)
         count = int(stats[1])
         if self.config.rollback.enabled:
-            loss = float(stats[0] / max(count - stats[2], 1))
+            loss = float(stats[0] / count) if ok else math.nan
             spike = self._spike(loss, ok)
             if spike is not None:
                 self.optimizer.zero_grad(set_to_none=True)
