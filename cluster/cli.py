@@ -47,6 +47,7 @@ USER_ERRORS = (
     ("trainer.checkpoint", "CheckpointError"),
     ("trainer.train", "DatasetMismatchError"),
     ("trainer.train", "NonFiniteLossError"),
+    ("trainer.rollback", "RollbackLimitError"),
     ("pipeline.job", "EncodeError"),
     ("sampling.checkpoint", "CheckpointError"),
     ("sampling.options", "SamplingUsageError"),

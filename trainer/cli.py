@@ -110,6 +110,11 @@ def train(args: argparse.Namespace) -> int:
             f"last loss {result.last_loss:.4f}, {result.nonfinite_steps} non-finite steps skipped"
             + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
         )
+        for r in result.rollbacks:
+            print(
+                f"rollback {r['rollbacks']}: {r['reason']} at step {r['spike_step']} (loss {r['spike_loss']:.6g}), "
+                f"back to step {r['to_step']}, skipped batches {r['skipped_batches'][0]}-{r['skipped_batches'][1]}"
+            )
         if result.checkpoint:
             print(f"checkpoint: {result.checkpoint}")
         if result.export:

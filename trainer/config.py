@@ -135,6 +135,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class RollbackConfig:
+    enabled: bool = False  # on a loss spike or non-finite loss, go back to the newest checkpoint (trainer.rollback)
+    spike_factor: float = 2.0  # a spike: the step's loss above this x the median of the last `window` losses
+    window: int = 100  # steps in the running median (spikes are looked for once it is full)
+    max_rollbacks: int = 3  # stop with an error at the spike after this many rollbacks
+    test_poison_batch: int = 0  # test hook (0 = off): multiply the latents of this batch (1-based, data order) ...
+    test_poison_factor: float = 1e6  # ... by this factor (nan: a non-finite loss)
+
+
+@dataclass
 class LogConfig:
     every: int = 100  # write a metrics line (JSONL + TensorBoard) every this many steps
     time_bins: int = 4  # the loss is also averaged in this many equal bins of t
@@ -197,6 +207,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> TrainConfig:
@@ -223,6 +234,7 @@ class TrainConfig:
         if self.log.sample_every:
             self.log.preview_classes(self.model.num_classes)
         self._validate_eval()
+        self._validate_rollback()
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
         return self
@@ -246,6 +258,14 @@ class TrainConfig:
                 raise ConfigError("log.inception needs log.inception_reference (an npz with mu/sigma) and log.vae")
         if g.wandb_mode not in ("online", "offline"):
             raise ConfigError(f"log.wandb_mode {g.wandb_mode!r}; valid: online, offline")
+
+    def _validate_rollback(self) -> None:
+        r = self.rollback
+        if not r.spike_factor > 1:
+            raise ConfigError(f"rollback.spike_factor must be > 1, got {r.spike_factor}")
+        for name in ("window", "max_rollbacks", "test_poison_batch"):
+            if getattr(r, name) < (1 if name == "window" else 0):
+                raise ConfigError(f"rollback.{name} must be >= {1 if name == 'window' else 0}, got {getattr(r, name)}")
 
     def checkpoint_url(self) -> str:
         return self.checkpoint.url or f"{self.run_dir.rstrip('/')}/checkpoints"

@@ -3,8 +3,11 @@
 The EMA is a second `SiT` (same names, same initial values) sharded with FSDP2 in float32 by
 `trainer.parallelize.shard_like`; each rank updates only its own shard, so the EMA costs one
 model's memory divided by the world size and no communication. It is a module, so it can be
-checkpointed by DCP like the model, run forward (collectively) for preview grids, and gathered
-into one consolidated state dict for export.
+run forward (collectively) for preview grids, and gathered into one consolidated state dict
+for export. It is `Stateful`: ``state_dict``/``load_state_dict`` hand its sharded weights to the
+checkpoint manager under the name "ema", with the same keys as the EMA module's own model state
+dict (what checkpoints held before the EMA was an object), so older checkpoints load unchanged.
+The decay is configuration, not state.
 
 Update after every optimizer step (DiT/SiT): ema = decay * ema + (1 - decay) * param.
 """
@@ -15,14 +18,14 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from trainer.parallelize import local_tensor, shard_like
 
 
 class EMA:
-    """The EMA model (``module``, checkpointed by the trainer like the model) and its decay."""
+    """The EMA model (``module``) and its decay; checkpointed by name through ``state_dict``."""
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh, decay: float):
         """``model``: the unsharded model right after initialisation (copied before it is sharded)."""
@@ -50,6 +53,13 @@ class EMA:
         out = self.module(x, t, y)
         self.module.reshard()
         return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sharded EMA weights (DTensors), keyed like the model's parameters."""
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(self.module, state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The consolidated float32 weights on CPU on rank 0, an empty dict elsewhere (a collective)."""

@@ -3,11 +3,13 @@
 One step on every rank, in lockstep: a batch from the streaming reader -> transport loss (time,
 noise and label dropout from explicit per-rank generators) -> backward (FSDP2 reduces the
 gradients) -> one all-reduce of the step's statistics (loss, non-finite count, loss by time bin,
-the preemption flag) -> AdamW step and EMA update, unless the loss was non-finite on any rank.
+the preemption flag) -> AdamW step and EMA update, unless the loss was non-finite on any rank
+(or, with ``rollback.enabled``, a spike: see `trainer.rollback`).
 
 Everything a resume needs is in the checkpoint (see `trainer.checkpoint`): model, EMA and
-optimizer (sharded, DCP), and per rank the step, images seen, reader position and the state of
-every generator; a resumed run continues bitwise identically on CPU. Exit codes: 0 finished,
+optimizer (sharded, DCP, handed to the manager by name as `Stateful` objects), and per rank the
+step, images seen, batches drawn, reader position, the rollback record and the state of every
+generator; a resumed run continues bitwise identically on CPU. Exit codes: 0 finished,
 `trainer.preempt.EXIT_PREEMPTED` (75) preempted after a complete checkpoint.
 """
 
@@ -35,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from latents.autoencoder import LatentTransform
 from latents.reader import LatentDataset, LatentLoader
 from latents.storage import retry
-from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.checkpoint import CheckpointError, CheckpointManager, step_folder
 from trainer.config import ConfigError, TrainConfig
 from trainer.ema import EMA
 from trainer.evaluate import Evaluator, best_export_url
@@ -45,6 +47,7 @@ from trainer.model import SiT, SiTConfig
 from trainer.parallelize import World, close_world, init_world, local_tensor, parallelize
 from trainer.preempt import EXIT_PREEMPTED, PreemptionFlag
 from trainer.preview import draw_preview
+from trainer.rollback import SpikeMonitor, poison, roll_back
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class TrainResult:
     resumed_from: str | None
     checkpoint: str | None  # the last checkpoint written
     export: str | None  # the consolidated EMA export, if written
+    rollbacks: list[dict] = dataclasses.field(default_factory=list)  # trainer.rollback's events, in total
 
 
 def check_dataset(url: str, card, model: SiTConfig, transform: LatentTransform | None = None) -> None:
@@ -101,6 +105,32 @@ def _seed(*parts: int) -> int:
 
 
 NOISE_STREAM, LABEL_STREAM = 1, 2
+
+
+class ModelState:
+    """A model's sharded weights, by name for the checkpoint manager (`Stateful`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """An optimizer's sharded state, by name for the checkpoint manager (`Stateful`)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
 class Trainer:
@@ -156,27 +186,35 @@ class Trainer:
             foreach=not fused_ok,
             fused=fused_ok or None,
         )
-        dev = world.device
-        self.noise_gen = torch.Generator(dev).manual_seed(_seed(c.seed, world.rank, NOISE_STREAM))
-        self.label_gen = torch.Generator(dev).manual_seed(_seed(c.seed, world.rank, LABEL_STREAM))
+        self.noise_gen, self.label_gen = torch.Generator(world.device), torch.Generator(world.device)
+        self.seed_generators()
         self.checkpoints = CheckpointManager(
             c.checkpoint_url(), c.checkpoint.keep_last, c.checkpoint.keep_every, c.checkpoint.async_save
         )
         self.step = 0
         self.images_seen = 0
+        self.batches_drawn = 0  # batches taken from the reader, those skipped by rollbacks included
+        self.rollback = SpikeMonitor(c.rollback)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.preview_autoencoder = None  # loaded by the first preview grid (log.vae), then kept
         self.evaluator = Evaluator(self)
         self.wandb_run_id = ""  # rank 0's W&B run, kept across restarts (trainer.wandb_log)
 
+    def seed_generators(self, *more: int) -> None:
+        """Seed the time/noise and label-dropout generators from (seed, rank, stream, *more)."""
+        c, rank = self.config, self.world.rank
+        self.noise_gen.manual_seed(_seed(c.seed, rank, NOISE_STREAM, *more))
+        self.label_gen.manual_seed(_seed(c.seed, rank, LABEL_STREAM, *more))
+
     # ---- state --------------------------------------------------------------------------------
 
     def sharded_state(self) -> dict:
+        """The sharded state by name, as `Stateful` objects for the checkpoint manager."""
         return {
-            "model": get_model_state_dict(self.model),
-            "ema": get_model_state_dict(self.ema.module),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "model": ModelState(self.model),
+            "ema": self.ema,
+            "optim": OptimizerState(self.model, self.optimizer),
         }
 
     def local_state(self) -> dict:
@@ -185,6 +223,8 @@ class Trainer:
             "images_seen": self.images_seen,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_run": self.nonfinite_run,
+            "batches_drawn": self.batches_drawn,
+            "rollback": self.rollback.state_dict(),
             "data": self.loader.state_dict(),
             "noise_rng": self.noise_gen.get_state(),
             "label_rng": self.label_gen.get_state(),
@@ -197,23 +237,27 @@ class Trainer:
         meta = {"step": self.step, "images_seen": self.images_seen, "config": self.config.to_dict()}
         return self.checkpoints.save(self.step, self.sharded_state(), self.local_state(), meta, blocking)
 
-    def resume(self, folder: str) -> None:
-        state = self.sharded_state()
-        local = self.checkpoints.load(folder, state)
-        set_model_state_dict(self.model, state["model"])
-        set_model_state_dict(self.ema.module, state["ema"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+    def restore(self, resume: str = "auto") -> str | None:
+        """Load the checkpoint ``resume`` names (`CheckpointManager.restore`); its folder, or None if none."""
+        restored = self.checkpoints.restore(resume, self.sharded_state())
+        if restored is None:
+            return None
+        folder, local = restored
         self.step, self.images_seen = local["step"], local["images_seen"]
         self.nonfinite_total, self.nonfinite_run = local["nonfinite_total"], local["nonfinite_run"]
         try:
             self.loader.load_state_dict(local["data"])
         except ValueError as err:
             raise CheckpointError(f"{folder}: {err}") from None
+        self.batches_drawn = local.get("batches_drawn", self.step)  # older checkpoints: one batch a step
+        if "rollback" in local:
+            self.rollback.load_state_dict(local["rollback"])
         self.noise_gen.set_state(local["noise_rng"])
         self.label_gen.set_state(local["label_rng"])
         if "eval" in local:  # checkpoints written before evaluation existed lack these
             self.evaluator.load_state_dict(local["eval"])
         self.wandb_run_id = local.get("wandb_run_id", "")
+        return folder
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -224,7 +268,8 @@ class Trainer:
     def train_step(self, batch: dict, stop_requested: bool) -> dict:
         """One optimizer step; returns its statistics (identical on every rank)."""
         dev = self.world.device
-        x1 = batch["latents"].to(dev, non_blocking=True)
+        self.batches_drawn += 1
+        x1 = poison(batch["latents"], self.batches_drawn, self.config.rollback).to(dev, non_blocking=True)
         y = batch["labels"].to(dev, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -257,6 +302,14 @@ class Trainer:
         if max_norm and grad_norm > max_norm:
             torch._foreach_mul_(grads, max_norm / (grad_norm + 1e-6))
         ok = stats[2] == 0 and math.isfinite(grad_norm)
+        count = int(stats[1])
+        if self.config.rollback.enabled:
+            loss = float(stats[0] / count) if ok else math.nan
+            spike = self._spike(loss, ok)
+            if spike is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"rollback": True, "stop": bool(stats[3] > 0), **spike}
+            self.rollback.accept(loss)
         if ok:
             self.optimizer.step()
             self.ema.update(self.model)
@@ -266,7 +319,6 @@ class Trainer:
             self.nonfinite_run += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        count = int(stats[1])
         self.images_seen += count
         if self.nonfinite_run >= self.config.max_nonfinite:
             raise NonFiniteLossError(
@@ -287,6 +339,19 @@ class Trainer:
             if bin_counts[i] > 0:
                 out[f"loss_t{i}"] = float(bin_sums[i] / bin_counts[i])
         return out
+
+    def _spike(self, loss: float, finite: bool) -> dict | None:
+        """The spike this step is (trainer.rollback), decided alike on every rank (all-reduced), or None."""
+        reason = self.rollback.check(loss, finite)
+        if self.world.world_size > 1:
+            verdict = torch.tensor([reason is not None], dtype=torch.float64, device=self.world.device)
+            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+            if verdict.item() and reason is None:  # cannot happen with equal inputs; act with the others
+                reason = "spike (on another rank)"
+        if reason is None:
+            return None
+        median = self.rollback.median()
+        return {"spike_step": self.step + 1, "reason": reason, "spike_loss": loss, "median": median}
 
 
 def _progress(config: TrainConfig, world: World, initial: int):
@@ -324,9 +389,9 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
         require_wandb()
     with PreemptionFlag() as flag:  # before the DataLoader forks its workers
         trainer = Trainer(c, world)
-        resumed_from = trainer.checkpoints.find_resume(c.checkpoint.resume)
-        if resumed_from:
-            trainer.resume(resumed_from)
+        resumed_from = trainer.restore(c.checkpoint.resume)
+        if c.rollback.enabled and resumed_from != step_folder(trainer.checkpoints.url, trainer.step):
+            trainer.save()  # a checkpoint to roll back to before the first periodic one
         metrics = None
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +412,13 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
             while trainer.step < c.total_steps:
                 for batch in trainer.loader:
                     stats = trainer.train_step(batch, flag.requested)
+                    if stats.get("rollback"):
+                        event = roll_back(trainer, stats)
+                        if metrics is not None:
+                            metrics.write(stats["spike_step"], event)
+                        if bar is not None:
+                            bar.n = trainer.step
+                        break  # on from the reader's new position (a preemption request is seen next step)
                     last_loss = stats["loss"]
                     window_images += stats["images"]
                     window_steps += 1
@@ -410,6 +482,7 @@ def _run(config: TrainConfig, world: World) -> TrainResult:
         resumed_from,
         last_ckpt,
         export,
+        trainer.rollback.events,
     )
 
 

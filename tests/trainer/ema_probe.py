@@ -22,7 +22,7 @@ def main(run_dir: str, out: str) -> None:
     config = config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     world = init_world("gloo")
     trainer = Trainer(config, world)
-    trainer.resume(trainer.checkpoints.find_resume("auto"))
+    trainer.restore("auto")
     mc = trainer.model_config
     g = torch.Generator().manual_seed(7)
     x = torch.randn(6, mc.in_channels, mc.input_size, mc.input_size, generator=g)
