@@ -48,7 +48,6 @@ PAPER_GRID = (
 )
 PAPER_SAMPLERS = "ode,sde:SBDM,sde:sigma,sde:linear,sde:decreasing,sde:increasing-decreasing"
 RESULT_FILE = "result.json"
-SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png", "sweep.log")
 
 
 class SweepUsageError(ValueError):
@@ -56,7 +55,6 @@ class SweepUsageError(ValueError):
 
     def __init__(self, flag: str, message: str):
         super().__init__(f"argument {flag}: {message}")
-        self.flag = flag
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,8 @@ class Point:
 
 @dataclass
 class Row:
+    """One (point, sampler) pair: a line of the table, its folder and, once done, its result."""
+
     point: Point
     sampler: Sampler
     key: str
@@ -383,7 +383,7 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
         f"{len(plan.rows) - len(todo)} finished earlier, {len(to_train)} points to train or resume, "
         f"{len(todo)} samplings to run"
     )
-    reference = reference_latents(plan.points[0].config.data.url, args.reference) if todo else None
+    references: dict[str, object] = {}  # data URL -> its reference latents (a --grid may vary data.url)
     for i, point in enumerate(to_train, 1):
         rows = [r for r in todo if r.point is point]
         name = ", ".join(f"{k}={v}" for k, v in point.values.items()) or "base config"
@@ -402,7 +402,10 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
         log(f"    {how}; {log.eta()}")
         for row in rows:
             try:
-                seconds = sample_row(row, args, reference)
+                url = point.config.data.url
+                if url not in references:
+                    references[url] = reference_latents(url, args.reference)
+                seconds = sample_row(row, args, references[url])
             except Exception as err:  # one failed sampling (e.g. non-finite samples) must not stop the sweep
                 from cluster.cli import is_user_error
 

@@ -11,7 +11,7 @@ in a subprocess (9 trainings x 6 samplers = 54 rows) and prints one JSON line pe
 FD) and one for the wall time. Rerunning reuses every finished row (the sweep's resume); pass a
 fresh OUT for a clean figure.
 
-    python tests/benchmarks/bench_sweep.py [--out /tmp/sweepbench] [--steps 400] [--num-samples 256]
+    python tests/benchmarks/bench_sweep.py [--out /tmp/sweepbench] [--steps 200] [--num-samples 256]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def prepare(out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/sweepbench")
-    p.add_argument("--steps", type=int, default=400, help="training steps per point")
+    p.add_argument("--steps", type=int, default=200, help="training steps per point")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--sample-steps", type=int, default=25)
     args = p.parse_args()
@@ -73,7 +73,7 @@ def main() -> None:
     print(" ".join(command), file=sys.stderr)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    code = subprocess.run(command).returncode
+    code = subprocess.run(command, stdout=sys.stderr).returncode  # progress lines to stderr: stdout is JSON
     seconds = time.perf_counter() - start
     report = json.loads((out / "sweep" / "sweep.json").read_text())
     common = {"bench": "sweep", "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} CPUs"}

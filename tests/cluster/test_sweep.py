@@ -21,11 +21,11 @@ BASE = [
 
 
 @pytest.fixture
-def sweep_args(tmp_path, tiny_vae_dir, ray_address):
+def sweep_args(tmp_path, tiny_vae_dir):
     data = write_toy_dataset(str(tmp_path / "ds"), n=64)
     out = tmp_path / "sweep"
     return [
-        "sweep", *BASE, "--data", data, "--vae", str(tiny_vae_dir), "--address", ray_address, "--out", str(out)
+        "sweep", *BASE, "--data", data, "--vae", str(tiny_vae_dir), "--out", str(out)
     ], out  # fmt: skip
 
 
@@ -110,3 +110,35 @@ def test_paper_grid_is_path_x_prediction_x_samplers(tmp_path, tiny_vae_dir, caps
     for form in ("SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"):
         assert sum(line.endswith(f"SDE {form}") for line in lines) == 9
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_dir, ray_address):
+    """--address samples with `sit sample`'s Ray job; without, in this process: the same latents."""
+    import argparse
+
+    import numpy as np
+
+    from cluster.sweep import Point, Row, _sample_here, _sample_on_ray, parse_samplers
+    from sampling.generate import ModelSource
+    from tests.sampling.conftest import TINY, tiny_sit
+    from trainer.config import preset
+    from trainer.export import save_export
+
+    export = tmp_path / "point" / "train" / "ema.safetensors"
+    export.parent.mkdir(parents=True)
+    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
+    config = preset("tiny-cpu")
+    config.run_dir = str(export.parent)
+    point = Point({}, config, "point", tmp_path / "point")
+    sampler = parse_samplers("sde:linear", 4)[0]
+    args = argparse.Namespace(
+        vae=str(tiny_vae_dir), num_samples=12, sample_seed=3, batch_size=5, inception=None, address=ray_address
+    )
+    source = ModelSource(str(export), str(tiny_vae_dir), allow_vae_mismatch=True)
+    rows = [Row(point, sampler, name, tmp_path / "point" / name) for name in ("here", "ray")]
+    for row in rows:
+        row.dir.mkdir()
+    here, _ = _sample_here(rows[0], args, source)
+    on_ray, _ = _sample_on_ray(rows[1], args, source)
+    assert here.shape == (12, 4, 8, 8) and np.array_equal(here, on_ray)
