@@ -29,6 +29,7 @@ sample plan: in this process by default, or as `sit sample`'s Ray job on the clu
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -42,9 +43,9 @@ from pathlib import Path
 
 from latents.argtypes import USAGE_ERROR, positive_int
 
-PAPER_GRID = (
-    ("transport.path_type", ("VP", "GVP", "Linear")),
-    ("transport.prediction", ("noise", "score", "velocity")),
+PAPER_GRID = (  # the released recipe (Linear, velocity) first
+    ("transport.path_type", ("Linear", "GVP", "VP")),
+    ("transport.prediction", ("velocity", "score", "noise")),
 )
 PAPER_SAMPLERS = "ode,sde:SBDM,sde:sigma,sde:linear,sde:decreasing,sde:increasing-decreasing"
 RESULT_FILE = "result.json"
@@ -317,22 +318,37 @@ def sample_row(row: Row, args: argparse.Namespace, reference) -> float:
 
 
 def _sample_here(row: Row, args: argparse.Namespace, source) -> tuple:
-    """In this process (`sit sample`'s Generator and plan: the same samples as its Ray job for the
-    same seed, since sample i depends on (seed, i) alone); images to samples.npz for FID."""
+    """In this process, with `sit sample`'s generator, options and sample plan: the same latents as
+    its Ray job for the same seed (sample i depends on (seed, i) alone). Decoded to samples.npz
+    only for FID; a non-finite sample makes the Fréchet distance fail, naming it."""
     import numpy as np
 
-    from sampling.generate import Generator
+    from sampling.options import run_sampler
     from sampling.plan import ClassPolicy, SamplePlan
 
-    gen = Generator(source)
+    gen = _generator(source)
     plan = SamplePlan(args.sample_seed, args.num_samples, gen.model.config.num_classes, ClassPolicy.BALANCED)
-    out = gen.generate(row.sampler.options, plan, range(args.num_samples), args.batch_size)
     npz = row.dir / "samples.npz"
     if args.inception:
+        out = gen.generate(row.sampler.options, plan, range(args.num_samples), args.batch_size)
         tmp = row.dir / ".samples.tmp.npz"
         np.savez(tmp, arr_0=out.images)
         os.replace(tmp, npz)
-    return out.latents, str(npz)
+        return out.latents, str(npz)
+    options, latents = gen.resolve(row.sampler.options), []
+    for start in range(0, args.num_samples, args.batch_size):
+        batch = list(range(start, min(start + args.batch_size, args.num_samples)))
+        noise, y, generators = plan.start(batch, gen.latent_shape, gen.device)
+        latents.append(run_sampler(gen.model, options, noise, y, generators).x.float().cpu().numpy())
+    return np.concatenate(latents), str(npz)
+
+
+@functools.lru_cache(maxsize=1)
+def _generator(source):
+    """`sit sample`'s model and autoencoder, loaded once for all samplers of a point."""
+    from sampling.generate import Generator
+
+    return Generator(source)
 
 
 def _sample_on_ray(row: Row, args: argparse.Namespace, source) -> tuple:
@@ -416,6 +432,7 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
                 log.done("sample", None)
                 continue
             row.result = json.loads((row.dir / RESULT_FILE).read_text())
+            write_report(out, args, plan, log.elapsed())  # the table so far, after every row
             log.done("sample", seconds)
             log(f"    {row.sampler.label}: latent FD {row.result['latent_fd']:.3f} ({seconds:.0f} s); {log.eta()}")
     report = write_report(out, args, plan, log.elapsed())

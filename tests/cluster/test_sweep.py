@@ -68,12 +68,12 @@ def test_two_point_sweep_reports_and_resumes(sweep_args, capsys):
     new = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["sampler"] for r in new] == ["ODE euler", "SDE linear"] and [r["reused"] for r in new] == [True, False]
 
-    # a changed config (learning rate) is a new point: trained, never the old result
-    assert main([*argv, "--grid", "transport.path_type=Linear", "--set", "optim.lr=5e-4"]) == 0
-    fourth = capsys.readouterr().out
-    assert "0 finished earlier, 1 points to train" in fourth and "trained in" in fourth
-    changed = json.loads((out / "sweep.json").read_text())["rows"][0]
-    assert changed["config_hash"] not in {r["config_hash"] for r in rows} and not changed["reused"]
+    # a changed config (learning rate) is a new point in a new folder: never the old result
+    assert main([*argv, "--grid", "transport.path_type=Linear", "--set", "optim.lr=5e-4", "--dry-run"]) == 0
+    (changed,) = capsys.readouterr().out.splitlines()
+    config_hash, eval_hash = changed.split()[0].split("/")
+    assert config_hash not in {r["config_hash"] for r in rows} and not (out / "points" / config_hash).exists()
+    assert eval_hash not in {r["eval_hash"] for r in new}
 
 
 @pytest.mark.parametrize(
