@@ -29,6 +29,7 @@ def write_report(out: Path, args: argparse.Namespace, plan: Plan, seconds: float
                 "latent_fd": r.get("latent_fd"),
                 "fid": r.get("fid"),
                 "nfe_per_sample": row.sampler.options.nfe_per_sample(),
+                "status": "done" if row.result else "failed" if row.error else "pending",
                 "reused": row.reused,
                 "error": row.error,
                 "config_hash": row.point.key,
@@ -60,9 +61,10 @@ def write_report(out: Path, args: argparse.Namespace, plan: Plan, seconds: float
     }
     write_atomic(out / "sweep.json", json.dumps(report, indent=1) + "\n")
     write_atomic(out / "sweep.md", markdown(report, keys))
-    labels = [" ".join([*(r[k] for k in keys), r["sampler"]]) for r in rows]
-    values = [float("nan") if r["latent_fd"] is None else r["latent_fd"] for r in rows]
-    groups = [[s.label for s in plan.samplers].index(r["sampler"]) for r in rows]
+    shown = [r for r in rows if r["status"] != "pending"] or rows[:1]
+    labels = [" ".join([*(r[k] for k in keys), r["sampler"]]) for r in shown]
+    values = [float("nan") if r["latent_fd"] is None else r["latent_fd"] for r in shown]
+    groups = [[s.label for s in plan.samplers].index(r["sampler"]) for r in shown]
     tmp = out / ".sweep.tmp.png"
     title = f"sit sweep: latent Frechet distance to the data (lower is better), {report['command']['steps']} steps"
     bar_chart(labels, values, tmp, title, "latent FD", groups)
@@ -92,7 +94,7 @@ def markdown(report: dict, keys: list[str]) -> str:
     for r in report["rows"]:
         fd = r["latent_fd"]
         cells = [*(r[k] for k in keys), r["sampler"], str(r["nfe_per_sample"] or "-")]
-        cells.append(f"{fd:.3f}" if fd is not None else f"failed: {r['error']}")
+        cells.append(f"{fd:.3f}" if fd is not None else f"failed: {r['error']}" if r["error"] else "not run yet")
         if has_fid:
             cells.append(f"{r['fid']:.2f}" if r["fid"] is not None else "-")
         cells.append(str(done.index(fd) + 1) if fd is not None else "-")
