@@ -480,7 +480,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from trainer.cli import add_train_arguments
 
-    add_train_arguments(p)  # --preset, --config, --set, --data, --steps as `sit train` (--run-dir: per point)
+    add_train_arguments(p)  # --preset, --config, --set, --data, --steps as `sit train`
+    for action in p._actions:  # --run-dir is per point here (refused if given); --dry-run lists the rows
+        if action.dest == "run_dir":
+            action.help = argparse.SUPPRESS
+        elif action.dest == "dry_run":
+            action.help = "list the rows (config hash/eval hash, grid values, sampler) and exit"
     p.add_argument("--out", default="sit-sweep", help="the sweep folder (default: %(default)s)")
     g = p.add_argument_group("grid")
     g.add_argument(
