@@ -250,7 +250,7 @@ class TrainFailed(RuntimeError):
     """The trainer of one point failed; the sweep goes on with the other points."""
 
 
-def train_point(point: Point, log: Progress) -> float | None:
+def train_point(point: Point) -> float | None:
     """Train ``point`` with `python -m trainer.train` unless its EMA export exists; seconds or None."""
     from trainer.config import TrainConfig
 
@@ -262,15 +262,8 @@ def train_point(point: Point, log: Progress) -> float | None:
     _publish(point.dir / "point.json", {"values": point.values, "config_hash": point.key})
     _publish(point.dir / "config.json", config.to_dict())  # the exact resolved config, fed back with --config
     # the file holds every key, so the preset below it changes nothing
-    command = [
-        sys.executable,
-        "-m",
-        "trainer.train",
-        "--preset",
-        "tiny-cpu",
-        "--config",
-        str(point.dir / "config.json"),
-    ]
+    command = [sys.executable, "-m", "trainer.train", "--preset", "tiny-cpu"]
+    command += ["--config", str(point.dir / "config.json")]
     start = time.perf_counter()
     with open(point.dir / "train.log", "a") as out:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -405,7 +398,7 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
         name = ", ".join(f"{k}={v}" for k, v in point.values.items()) or "base config"
         log(f"point {i}/{len(to_train)} [{point.key}] {name}: training {point.config.total_steps} steps")
         try:
-            seconds = train_point(point, log)
+            seconds = train_point(point)
         except TrainFailed as err:
             log(f"    training failed, skipping its {len(rows)} samplings: {err}")
             for row in rows:
