@@ -14,7 +14,7 @@ import argparse
 import sys
 from importlib import import_module
 
-from cluster import demo
+from cluster import demo, sweep
 from latents import cli as latents_cli
 from latents.argtypes import Parser
 from pipeline import cli as pipeline_cli
@@ -24,6 +24,7 @@ from trainer import status as trainer_status
 
 REGISTRARS = (
     demo.register,
+    sweep.register,
     pipeline_cli.register,
     trainer_cli.register,
     trainer_status.register,

@@ -1,4 +1,4 @@
-"""A dependency-free line plot (PIL only) for the demo's loss curve."""
+"""Dependency-free plots (PIL only): the demo's loss curve, `sit sweep`'s bar chart."""
 
 from __future__ import annotations
 
@@ -71,5 +71,56 @@ def line_plot(
     draw.text((left, 10), title, fill="black", font=font)
     draw.text(((width - len(xlabel) * 6) / 2, height - 18), xlabel, fill="black", font=font)
     draw.text((6, top - 18), ylabel, fill="black", font=font)
+    image.save(path)
+    return Path(path)
+
+
+def bar_chart(
+    labels: list[str],
+    values: list[float],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    groups: list[int] | None = None,
+    bar: int = 14,
+) -> Path:
+    """Horizontal bars, one per label (top to bottom), with the value printed after each bar;
+    ``groups`` picks each bar's colour (e.g. the sampler); values over more than two decades are
+    drawn on a log scale (said in the axis label); non-finite values draw no bar."""
+    colors = [(20, 60, 160), (200, 60, 40), (40, 140, 60), (150, 90, 200), (220, 150, 20), (90, 90, 90)]
+    font = ImageFont.load_default()
+    label_width = 8 + 6 * max(len(s) for s in labels)
+    width, top, bottom, right = label_width + 520, 36, 40, 70
+    height = top + bottom + bar * len(labels)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    finite = [v for v in values if np.isfinite(v) and v > 0]
+    span = width - label_width - right
+    log = bool(finite) and max(finite) / min(finite) > 100  # values over decades: log scale
+    if log:
+        lo, hi = np.floor(np.log10(min(finite))) - 0.3, np.log10(max(finite))
+        xlabel += f" (log scale, from {10**lo:.3g})"
+
+        def length(v: float) -> float:
+            return span * (np.log10(v) - lo) / (hi - lo)
+    else:
+        vmax = max(finite) if finite else 1.0
+
+        def length(v: float) -> float:
+            return span * v / vmax
+
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        y = top + i * bar
+        draw.text((6, y + 1), label, fill="black", font=font)
+        if np.isfinite(value) and value > 0:
+            x1 = label_width + length(value)
+            color = colors[(groups[i] if groups else 0) % len(colors)]
+            draw.rectangle([label_width, y + 2, x1, y + bar - 2], fill=color)
+            draw.text((x1 + 4, y + 1), f"{value:.3g}", fill="black", font=font)
+        else:
+            draw.text((label_width + 4, y + 1), "failed", fill=(200, 0, 0), font=font)
+    draw.line([label_width, top, label_width, height - bottom], fill="black")
+    draw.text((6, 10), title, fill="black", font=font)
+    draw.text((label_width, height - bottom + 12), xlabel, fill="black", font=font)
     image.save(path)
     return Path(path)

@@ -151,6 +151,15 @@ CELLS = [
     (["status", f"{W}/run"], 1, "config.json"),
     (["status", "foo://bucket/run"], 1, "foo"),
     (["status", "s3://no-credentials/run"], 1, "no-credentials"),
+    # ---- sit sweep -----------------------------------------------------------------------------------
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--out", f"{W}/file.txt"], 1, "file.txt"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--out", f"{W}/file.txt/s"], 1, "file.txt"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--out", f"{W}/run"], 1, "training run"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/missing", *VAE, "--out", f"{W}/new"], 1, "missing"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/run", *VAE, "--out", f"{W}/new"], 1, "training run"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--grid", "model.depht=1,2"], 2, "--grid"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--samplers", "sde:cosine"], 2, "--samplers"),
+    (["sweep", "--preset", "tiny-cpu", "--data", f"{W}/ds", *VAE, "--sample-steps", "0"], 2, "--sample-steps"),
     # ---- sit demo, sit models, sit selfcheck, sit ----------------------------------------------------
     (["demo", "--quick", "--out", f"{W}/file.txt"], 1, "file.txt"),
     (["demo", "--quick", "--out", f"{W}/file.txt/demo"], 1, "file.txt"),

@@ -1,0 +1,144 @@
+"""`sit sweep` on a toy dataset: a 2-point grid trained and sampled, its table, json and chart;
+a rerun skips finished rows; a changed config or sampler never reuses another's result."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from cluster.cli import main
+from tests.trainer.conftest import write_toy_dataset
+
+BASE = [
+    "--preset", "tiny-cpu", "--steps", "8",
+    "--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "checkpoint.every=4",
+    "--set", "data.global_batch_size=16",
+    "--num-samples", "16", "--sample-steps", "4", "--reference", "64", "--allow-vae-mismatch",
+]  # fmt: skip
+
+
+@pytest.fixture
+def sweep_args(tmp_path, tiny_vae_dir):
+    data = write_toy_dataset(str(tmp_path / "ds"), n=64)
+    out = tmp_path / "sweep"
+    return [
+        "sweep", *BASE, "--data", data, "--vae", str(tiny_vae_dir), "--out", str(out)
+    ], out  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_point_sweep_reports_and_resumes(sweep_args, capsys):
+    argv, out = sweep_args
+    grid = ["--grid", "transport.path_type=Linear,GVP"]
+    assert main([*argv, *grid]) == 0
+    first = capsys.readouterr().out
+    assert "point 1/2" in first and "point 2/2" in first and "ETA" in first and "best:" in first
+
+    report = json.loads((out / "sweep.json").read_text())
+    rows = report["rows"]
+    assert [(r["transport.path_type"], r["sampler"]) for r in rows] == [("Linear", "ODE euler"), ("GVP", "ODE euler")]
+    assert all(math.isfinite(r["latent_fd"]) and r["latent_fd"] > 0 and not r["reused"] for r in rows)
+    assert rows[0]["config_hash"] != rows[1]["config_hash"]
+    table = (out / "sweep.md").read_text()
+    assert "| path_type | sampler | NFE | latent FD | rank |" in table
+    for r in rows:
+        assert f"| {r['transport.path_type']} | ODE euler | 4 | {r['latent_fd']:.3f} |" in table
+    assert Image.open(out / "sweep.png").size[1] > 60
+    for r in rows:  # the exact resolved config beside the result, as the trainer ran it
+        point = out / "points" / r["config_hash"]
+        config = json.loads((point / "config.json").read_text())
+        assert config["transport"]["path_type"] == r["transport.path_type"] and config["total_steps"] == 8
+        assert json.loads((point / "train" / "config.json").read_text()) == config
+        assert json.loads((point / r["eval_hash"] / "result.json").read_text())["latent_fd"] == r["latent_fd"]
+
+    # the same command again: nothing trained or sampled, the same numbers
+    assert main([*argv, *grid]) == 0
+    second = capsys.readouterr().out
+    assert "2 finished earlier, 0 points to train" in second and "training" not in second
+    again = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["latent_fd"] for r in again] == [r["latent_fd"] for r in rows] and all(r["reused"] for r in again)
+
+    # another sampler on a trained point: the training is reused, the new row is sampled
+    assert main([*argv, "--grid", "transport.path_type=Linear", "--samplers", "ode,sde:linear"]) == 0
+    third = capsys.readouterr().out
+    assert "1 finished earlier, 1 points to train or resume" in third and "reusing the finished EMA export" in third
+    new = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["sampler"] for r in new] == ["ODE euler", "SDE linear"] and [r["reused"] for r in new] == [True, False]
+
+    # a changed config (learning rate) is a new point in a new folder: never the old result
+    assert main([*argv, "--grid", "transport.path_type=Linear", "--set", "optim.lr=5e-4", "--dry-run"]) == 0
+    (changed,) = capsys.readouterr().out.splitlines()
+    config_hash, eval_hash = changed.split()[0].split("/")
+    assert config_hash not in {r["config_hash"] for r in rows} and not (out / "points" / config_hash).exists()
+    assert eval_hash not in {r["eval_hash"] for r in new}
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--grid", "transport.path_typ=Linear,GVP"], "--grid"),
+        (["--grid", "transport.path_type=Linear,Curved"], "--grid"),
+        (["--grid", "transport.path_type"], "--grid"),
+        (["--grid", "optim.lr=1e-3,fast"], "--grid"),
+        (["--samplers", "ode,sde:bogus"], "--samplers"),
+        (["--samplers", "euler"], "--samplers"),
+        (["--set", "optim.lrr=1"], "--set"),
+        (["--paper", "--grid", "transport.path_type=Linear"], "--grid"),
+        (["--inception", "x.pt"], "--ref"),
+    ],
+)
+def test_bad_grid_or_sampler_is_one_line_exit_2(tmp_path, tiny_vae_dir, capsys, extra, flag):
+    out = tmp_path / "sweep"
+    argv = ["sweep", *BASE, "--data", str(tmp_path / "ds"), "--vae", str(tiny_vae_dir), "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"sit sweep: error: argument {flag}:"), err
+    assert not out.exists()
+
+
+def test_paper_grid_is_path_x_prediction_x_samplers(tmp_path, tiny_vae_dir, capsys):
+    data = write_toy_dataset(str(tmp_path / "ds"), n=16)
+    argv = ["sweep", *BASE, "--paper", "--data", data, "--vae", str(tiny_vae_dir), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 * 3 * 6 and len({line.split()[0] for line in lines}) == 54
+    assert len({line.split("/")[0] for line in lines}) == 9  # 9 trainings, each sampled 6 ways
+    assert sum("ODE euler" in line for line in lines) == 9
+    for form in ("SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"):
+        assert sum(line.endswith(f"SDE {form}") for line in lines) == 9
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_dir, ray_address):
+    """--address samples with `sit sample`'s Ray job; without, in this process: the same latents."""
+    import argparse
+
+    import numpy as np
+
+    from cluster.sweep import Point, Row, _sample_here, _sample_on_ray, parse_samplers
+    from sampling.generate import ModelSource
+    from tests.sampling.conftest import TINY, tiny_sit
+    from trainer.config import preset
+    from trainer.export import save_export
+
+    export = tmp_path / "point" / "train" / "ema.safetensors"
+    export.parent.mkdir(parents=True)
+    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
+    config = preset("tiny-cpu")
+    config.run_dir = str(export.parent)
+    point = Point({}, config, "point", tmp_path / "point")
+    sampler = parse_samplers("sde:linear", 4)[0]
+    args = argparse.Namespace(
+        vae=str(tiny_vae_dir), num_samples=12, sample_seed=3, batch_size=5, inception=None, address=ray_address
+    )
+    source = ModelSource(str(export), str(tiny_vae_dir), allow_vae_mismatch=True)
+    rows = [Row(point, sampler, name, tmp_path / "point" / name) for name in ("here", "ray")]
+    for row in rows:
+        row.dir.mkdir()
+    here, _ = _sample_here(rows[0], args, source)
+    on_ray, _ = _sample_on_ray(rows[1], args, source)
+    assert here.shape == (12, 4, 8, 8) and np.array_equal(here, on_ray)
