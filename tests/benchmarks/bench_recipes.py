@@ -1,18 +1,18 @@
 """Released recipe vs the modern preset, side by side on the demo's data (issue 16, acceptance 4).
 
 Builds the demo's data once with `sit demo`'s own steps (images, the fitted tiny VAE, the encoded
-latents; ``--size full`` as `sit demo`), then trains the demo's model (tiny-cpu, depth 4, width
-128, batch 64, lr 1e-3, EMA 0.995) twice with the same steps, seed and data:
+latents; ``--size full`` as `sit demo`), or takes them from a finished ``sit demo --out DIR``
+(``--data-from DIR``), then trains the demo's model (tiny-cpu, depth 4, width 128, batch 64,
+lr 1e-3, EMA 0.995) twice with the same steps, seed and data, both at once (one process each):
 
 * released: uniform t, MSE, the DiT block;
 * modern:   `trainer.config.modernize` - SwiGLU, RMSNorm, 2-D RoPE, qk-norm, logit-normal(0, 1)
             t and the direction loss with weight 1 (as `sit-b2-256-modern`).
 
 Both evaluate the EMA's latent Fréchet distance at the same steps (the trainer's own evaluation:
-the same samples, SDE 50 steps) and the runs alternate nothing: they run one after the other on
-the same machine, so compare them with the load average printed beside each.
+the same samples, SDE 50 steps). They run side by side, so machine load hits both alike.
 
-    python tests/benchmarks/bench_recipes.py --out /tmp/recipes [--size full|quick]
+    python tests/benchmarks/bench_recipes.py --out /tmp/recipes [--size full|quick] [--data-from DIR]
 
 Prints one JSON line per (recipe, evaluation step) and one summary line per recipe.
 """
@@ -40,9 +40,11 @@ MODERN = {
 }
 
 
-def build_data(out: Path, size) -> str:
+def build_data(out: Path, size, data_from: str | None) -> str:
     from cluster.demo_steps import encode, make_images, make_vae
 
+    if data_from:
+        return str(Path(data_from) / "latents")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     make_images(out, size, log)
     vae_dir = make_vae(out, size, log)
@@ -52,7 +54,7 @@ def build_data(out: Path, size) -> str:
     return done.read_text()
 
 
-def train(out: Path, name: str, data: str, size, extra: dict) -> dict:
+def start(out: Path, name: str, data: str, size, extra: dict) -> subprocess.Popen | None:
     from cluster.demo_data import class_names
 
     run_dir = out / f"run-{name}"
@@ -75,11 +77,13 @@ def train(out: Path, name: str, data: str, size, extra: dict) -> dict:
     args = ["--preset", "tiny-cpu", "--data", data, "--run-dir", str(run_dir), "--steps", str(size.train_steps)]
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    if not (run_dir / "ema.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "trainer.train", *args], check=True, cwd=ROOT)
-    seconds = time.perf_counter() - start
+    if (run_dir / "ema.safetensors").exists():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "trainer.train", *args], cwd=ROOT)
+
+
+def report(out: Path, name: str, size, extra: dict, seconds: float, load_before: float) -> dict:
+    run_dir = out / f"run-{name}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("event") == "eval"]
     losses = [r for r in records if "loss" in r and "event" not in r]
@@ -89,7 +93,8 @@ def train(out: Path, name: str, data: str, size, extra: dict) -> dict:
         "recipe": name,
         "steps": size.train_steps,
         "final_latent_fd": round(evals[-1]["eval_latent_fd"], 4) if evals else None,
-        "last_loss": losses[-1]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,  # modern: MSE + direction term
+        "last_mse": losses[-1].get("mse", losses[-1]["loss"]) if losses else None,
         "train_seconds": round(seconds, 1),
         "load_avg_1min_before": round(load_before, 2),
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
@@ -105,13 +110,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="work folder (data and both runs; reused when rerun)")
     parser.add_argument("--size", default="full", choices=sorted(SIZES))
+    parser.add_argument("--data-from", metavar="DIR", help="a finished `sit demo --out DIR`: use its latents")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES[args.size]
-    data = build_data(out, size)
-    train(out, "released", data, size, {})
-    train(out, "modern", data, size, MODERN)
+    data = build_data(out, size, args.data_from)
+    recipes = {"released": {}, "modern": MODERN}
+    load_before, began = os.getloadavg()[0], time.perf_counter()
+    procs = {name: start(out, name, data, size, extra) for name, extra in recipes.items()}
+    seconds = {}
+    for name, proc in procs.items():
+        if proc is not None and proc.wait() != 0:
+            raise SystemExit(f"the {name} run failed with exit code {proc.returncode}; see {out}/run-{name}")
+        seconds[name] = time.perf_counter() - began
+    for name, extra in recipes.items():
+        report(out, name, size, extra, seconds[name], load_before)
 
 
 if __name__ == "__main__":

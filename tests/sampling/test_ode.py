@@ -119,3 +119,18 @@ def test_time_shift_keeps_the_flow_map():
 def test_time_shift_needs_fixed_steps():
     with pytest.raises(ValueError, match="fixed-step"):
         sample_ode(lambda x, t: x, Transport(), noise(2), method="dopri5", time_shift=2.0)
+
+
+def test_sampler_options_take_the_time_shift_from_the_flag_or_the_export():
+    from sampling.options import Mode, SamplerOptions, SamplingUsageError
+
+    trained = {"path_type": "Linear", "prediction": "velocity", "sample_eps": -1, "sample_time_shift": 3.0}
+    assert SamplerOptions().with_training_transport(trained).time_shift == 3.0
+    assert SamplerOptions(time_shift=1.5).with_training_transport(trained).time_shift == 1.5  # the flag wins
+    assert SamplerOptions().with_training_transport(None).time_shift == 1.0  # released checkpoints: no shift
+    adaptive = SamplerOptions(Mode.ODE, "dopri5", 50)
+    assert adaptive.with_training_transport(trained).time_shift == 1.0  # adaptive steps: no grid to shift
+    with pytest.raises(SamplingUsageError, match="--time-shift needs fixed steps"):
+        SamplerOptions(Mode.ODE, "dopri5", 50, time_shift=2.0)
+    with pytest.raises(SamplingUsageError, match="--time-shift must be > 0"):
+        SamplerOptions(time_shift=0.0)
