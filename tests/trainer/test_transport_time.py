@@ -134,3 +134,30 @@ def test_training_losses_return_each_term():
     terms = Transport(direction_weight=1.0).training_losses(model, x1, torch.Generator().manual_seed(0), y=None)
     assert {"loss", "mse", "direction", "t", "pred"} <= set(terms)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["direction"])
+
+
+def test_trainer_logs_each_loss_term_overall_and_by_time_bin(tmp_path):
+    import json
+
+    from tests.trainer.conftest import tiny_config, write_toy_dataset
+    from trainer.train import train
+
+    data = write_toy_dataset(str(tmp_path / "ds"), n=16)
+    config = tiny_config(
+        data,
+        str(tmp_path / "run"),
+        total_steps=2,
+        data={"global_batch_size": 8},
+        log={"every": 1, "time_bins": 2},
+        transport={"direction_weight": 0.5, "time_sampling": "logit_normal", "time_shift": 2.0},
+    )
+    train(config)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["mse"] + 0.5 * r["direction"], rel=1e-9)
+        assert 0 <= r["direction"] <= 2
+        for i in range(2):
+            if f"loss_t{i}" in r:
+                assert r[f"loss_t{i}"] == pytest.approx(r[f"mse_t{i}"] + 0.5 * r[f"direction_t{i}"], rel=1e-9)
