@@ -51,7 +51,7 @@ def models(args: argparse.Namespace) -> int:
         tokens = (c.input_size // c.patch_size) ** 2
         print(
             f"{name:<10} {c.depth:>5} {c.hidden_size:>6} {c.num_heads:>5} {c.patch_size:>5} {tokens:>6} "
-            f"{count_parameters(model):>12,} {forward_gmac(model):>8.1f}"
+            f"{count_parameters(model):>12,} {forward_gmac(c):>8.1f}"
         )
     print(f"\n{'preset':<20} {'model':<8} {'latent':>10} {'blocks':<30} {'params':>12} {'GMAC':>8}")
     for name, make in PRESETS.items():
@@ -62,9 +62,7 @@ def models(args: argparse.Namespace) -> int:
         blocks = "/".join([c.mlp.value, c.norm.value] + ["rope"] * c.rope + ["qk-norm"] * c.qk_norm)
         size = make().model.name.removeprefix("SiT-")
         latent = f"{c.in_channels}x{c.input_size}x{c.input_size}"
-        print(
-            f"{name:<20} {size:<8} {latent:>10} {blocks:<30} {count_parameters(model):>12,} {forward_gmac(model):>8.1f}"
-        )
+        print(f"{name:<20} {size:<8} {latent:>10} {blocks:<30} {count_parameters(model):>12,} {forward_gmac(c):>8.1f}")
     return 0
 
 

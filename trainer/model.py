@@ -13,6 +13,7 @@ qk-norm, the modern choices of LightningDiT (Yao et al. 2025) and others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -390,16 +391,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_gmac(model: SiT, batch: int = 1) -> float:
-    """GMAC (multiply-adds / 1e9) of one forward pass per image at the built input size, counted by
-    `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions, attention; not the
-    elementwise ops). Works on a meta-device model: nothing is allocated."""
+def forward_gmac(config: SiTConfig) -> float:
+    """GMAC (multiply-adds / 1e9) of one forward pass for one image at ``config.input_size``,
+    counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions,
+    attention; not the elementwise ops) on meta tensors: nothing is allocated. The blocks are
+    identical, so models of depth 1 and 2 are counted and the difference scaled to the depth."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    c = model.config
-    device = next(model.parameters()).device
-    x = torch.empty(batch, c.in_channels, c.input_size, c.input_size, device=device)
-    t, y = torch.empty(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(x, t, y)
-    return counter.get_total_flops() / 2e9 / batch
+    def count(depth: int) -> float:
+        with torch.device("meta"):
+            model = SiT(dataclasses.replace(config, depth=depth)).eval()
+            x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
+            t, y = torch.empty(1), torch.zeros(1, dtype=torch.long)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(x, t, y)
+        return counter.get_total_flops() / 2e9
+
+    one, two = count(1), count(2)
+    return one + (config.depth - 1) * (two - one)

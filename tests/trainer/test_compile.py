@@ -41,6 +41,7 @@ def run(data: str, run_dir, compile: bool, model: dict) -> tuple[list[float], di
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # inductor compiles on CPU: minutes on a busy 2-core machine
 @pytest.mark.parametrize("model", [{}, MODERN], ids=["released", "modern"])
 def test_compiled_steps_equal_eager_steps(tmp_path, data, model):
     eager_losses, eager = run(data, tmp_path / "eager", False, model)

@@ -282,7 +282,8 @@ def test_modern_config_round_trips_through_an_export(tmp_path):
 
 
 def test_forward_gmac_counts_the_papers_figure():
-    assert forward_gmac(build_model("SiT-XL/2", device="meta")) == pytest.approx(118.6, abs=0.05)
-    released = forward_gmac(build_model("SiT-B/2", device="meta"))
-    switched = forward_gmac(build_model("SiT-B/2", device="meta", mlp="swiglu", rope=True, qk_norm=True))
+    assert forward_gmac(sit_config("SiT-XL/2")) == pytest.approx(118.6, abs=0.05)
+    assert forward_gmac(sit_config("SiT-XL/2", input_size=64)) == pytest.approx(524.6, abs=0.1)
+    released = forward_gmac(sit_config("SiT-B/2"))
+    switched = forward_gmac(sit_config("SiT-B/2", mlp="swiglu", rope=True, qk_norm=True))
     assert switched == pytest.approx(released, rel=2e-3)  # SwiGLU at 2/3 width: the same multiply-adds
