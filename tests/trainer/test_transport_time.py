@@ -156,8 +156,8 @@ def test_trainer_logs_each_loss_term_overall_and_by_time_bin(tmp_path):
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2
     for r in steps:
-        assert r["loss"] == pytest.approx(r["mse"] + 0.5 * r["direction"], rel=1e-9)
+        assert r["loss"] == pytest.approx(r["mse"] + 0.5 * r["direction"], rel=1e-6)  # float32 per sample
         assert 0 <= r["direction"] <= 2
         for i in range(2):
             if f"loss_t{i}" in r:
-                assert r[f"loss_t{i}"] == pytest.approx(r[f"mse_t{i}"] + 0.5 * r[f"direction_t{i}"], rel=1e-9)
+                assert r[f"loss_t{i}"] == pytest.approx(r[f"mse_t{i}"] + 0.5 * r[f"direction_t{i}"], rel=1e-6)
