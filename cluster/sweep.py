@@ -123,9 +123,9 @@ def parse_samplers(text: str, steps: int) -> list[Sampler]:
     ode[:METHOD] is the probability-flow ODE (default Euler, fixed steps); sde:FORM[:NORM] the
     SDE with Euler-Maruyama, diffusion form FORM and norm NORM (default 1), last step Mean.
     """
+    from latents.argtypes import parse_choice
     from sampling.options import Mode, SamplerOptions
     from sampling.sde import DiffusionForm
-    from trainer.transport import parse_choice
 
     out = []
     for spec in (s.strip() for s in text.split(",")):

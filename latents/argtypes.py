@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from enum import Enum
+from typing import NoReturn, TypeVar
+
+E = TypeVar("E", bound=Enum)
 
 USAGE_ERROR = 2  # argparse's own status for a bad command line, kept for every usage error
 
@@ -107,3 +110,15 @@ def resolution(text: str) -> int:
     if value <= 0 or value % 8:
         raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (256 or 512), not {text}")
     return value
+
+
+def parse_choice(enum_cls: type[E], value: str | E) -> E:
+    """A user string (any case) as an enum member, once at the edge; unknown values raise a
+    ValueError listing the valid ones. The math modules take the members."""
+    if isinstance(value, enum_cls):
+        return value
+    for member in enum_cls:
+        if isinstance(value, str) and value.lower() == str(member.value).lower():
+            return member
+    valid = ", ".join(str(m.value) for m in enum_cls)
+    raise ValueError(f"unknown {enum_cls.__name__} {value!r}; valid: {valid}")

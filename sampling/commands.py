@@ -210,6 +210,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         "--sample-eps", type=float, default=None, help="sampling eps (default: the export's, else the path's own)"
     )
     g.add_argument("--precision", default="fp32", help="model forward: fp32 or bf16 autocast (default: %(default)s)")
+    g.add_argument(
+        "--time-shift",
+        type=positive_float,
+        default=None,
+        help="SD3 time shift of the step grid, > 1 puts more steps near noise (fixed-step methods; "
+        "default: the export's transport.sample_time_shift, else 1)",
+    )
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

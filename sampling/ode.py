@@ -4,6 +4,8 @@ Fixed-step methods take exactly ``num_steps`` steps (Euler: NFE = num_steps, Heu
 2 * num_steps); adaptive methods (dopri5 and the rest of torchdiffeq's) control the error
 with ``atol``/``rtol``. All methods run through torchdiffeq. Time runs from noise (t0) to
 data (t1) as in the released code; ``reverse=True`` integrates from data back to noise.
+Fixed-step grids can be warped by SD3's time shift (``time_shift`` > 1: more steps near noise,
+`trainer.transport.time_grid`); adaptive methods choose their own steps and take no shift.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torchdiffeq import odeint
 
 from sampling.guidance import ModelFn
 from sampling.result import CountedModel, SampleResult, time_vector
-from trainer.transport import Transport
+from trainer.transport import Transport, time_grid
 
 Tensor = torch.Tensor
 
@@ -41,13 +43,17 @@ def integrate(
     num_steps: int = 50,
     atol: float = 1e-6,
     rtol: float = 1e-3,
+    time_shift: float = 1.0,
 ) -> Tensor | tuple[Tensor, ...]:
     """Integrate d state/dt = func(t, state) from t_start to t_end (either direction).
 
-    Fixed-step methods use a uniform grid of exactly ``num_steps`` steps; adaptive methods
-    ignore ``num_steps``.
+    Fixed-step methods use a grid of exactly ``num_steps`` steps, uniform or warped by
+    ``time_shift`` (in the direction noise -> data); adaptive methods ignore ``num_steps``
+    and refuse a shift.
     """
     method = check_ode_method(method)
+    if time_shift != 1.0 and method not in FIXED_METHODS:
+        raise ValueError(f"a time shift needs a fixed-step method ({', '.join(FIXED_METHODS)}), not {method}")
     ts = torch.tensor([t_start, t_end], dtype=torch.float64)
     lo, hi = min(t_start, t_end), max(t_start, t_end)
 
@@ -61,7 +67,11 @@ def integrate(
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 
         def grid(_f, _y0, t: Tensor) -> Tensor:
-            g = torch.linspace(float(t[0]), float(t[-1]), num_steps + 1, dtype=t.dtype, device=t.device)
+            if time_shift == 1.0:
+                g = torch.linspace(float(t[0]), float(t[-1]), num_steps + 1, dtype=t.dtype, device=t.device)
+            else:  # the noise -> data grid, reversed when integrating data -> noise
+                g = time_grid(lo, hi, num_steps, time_shift).to(t)
+                g = g if t_start <= t_end else g.flip(0)
             g[0], g[-1] = t[0], t[-1]
             return g
 
@@ -81,11 +91,13 @@ def sample_ode(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     reverse: bool = False,
+    time_shift: float = 1.0,
 ) -> SampleResult:
     """Integrate the probability-flow ODE dx/dt = v(x, t) over the transport's interval.
 
     ``reverse=False``: x is noise at t0, returns data at t1. ``reverse=True``: x is data at t1,
     returns its noise encoding at t0. Released defaults: dopri5, atol 1e-6, rtol 1e-3.
+    ``time_shift`` warps a fixed-step grid (module docstring).
     """
     model = CountedModel(model_fn)
     t0, t1 = transport.ode_interval()
@@ -96,5 +108,5 @@ def sample_ode(
 
     start, end = (t1, t0) if reverse else (t0, t1)
     with torch.no_grad():
-        out = integrate(velocity, x, start, end, method, num_steps, atol, rtol)
+        out = integrate(velocity, x, start, end, method, num_steps, atol, rtol, time_shift)
     return SampleResult(out, model.calls)

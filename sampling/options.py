@@ -3,8 +3,8 @@
 Every choice of `sampling/` is here: ODE or SDE, the method and its steps, the SDE's diffusion
 form and norm, the last step and its size, classifier-free guidance (scale, 3 channels as the
 released models or all, the interval of t where it applies), the transport the model was
-trained with, and the precision of the model's forward. Strings become enums here, at the edge;
-the samplers receive the parsed values.
+trained with, the time shift of the step grid, and the precision of the model's forward.
+Strings become enums here, at the edge; the samplers receive the parsed values.
 
 `run_sampler` turns noise, labels and per-sample generators into latents. Everything random
 comes from the generators, one per sample, so a sample does not depend on the batch it runs in.
@@ -21,11 +21,12 @@ from enum import Enum
 
 import torch
 
+from latents.argtypes import parse_choice
 from sampling.guidance import classifier_free_guidance, conditional
 from sampling.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_ode_method, sample_ode
 from sampling.result import SampleResult
 from sampling.sde import DiffusionForm, LastStep, SdeMethod, sample_sde
-from trainer.transport import PathType, Prediction, Transport, parse_choice
+from trainer.transport import PathType, Prediction, Transport
 
 Tensor = torch.Tensor
 
@@ -70,6 +71,7 @@ class SamplerOptions:
     prediction: Prediction | None = None  # None: the export's, else velocity
     sample_eps: float | None = None  # None: the export's, else the transport's released default
     precision: Precision = Precision.FP32  # model forward precision
+    time_shift: float | None = None  # SD3 shift of the step grid (> 1: more steps near noise); None: export's, else 1
 
     def __post_init__(self) -> None:
         try:
@@ -81,6 +83,12 @@ class SamplerOptions:
             raise SamplingUsageError(f"--method: {err}") from None
         if self.num_steps < 1:
             raise SamplingUsageError(f"--steps must be >= 1, got {self.num_steps}")
+        if self.time_shift is not None and not self.time_shift > 0:
+            raise SamplingUsageError(f"--time-shift must be > 0, got {self.time_shift}")
+        if self.adaptive and self.time_shift not in (None, 1.0):
+            raise SamplingUsageError(
+                f"--time-shift needs fixed steps; ODE method {self.method} is adaptive (use euler, heun, midpoint, rk4)"
+            )
         if self.cfg_scale < 1.0:
             raise SamplingUsageError(f"--cfg-scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
         lo, hi = self.guidance_interval
@@ -101,10 +109,14 @@ class SamplerOptions:
         """Fill the transport fields left unset from the one the model was trained with.
 
         ``trained`` is an export's ``extra["transport"]`` (path_type, prediction, sample_eps with
-        -1 for the default); None (a released checkpoint): Linear, velocity, as released.
+        -1 for the default, sample_time_shift); None (a released checkpoint): Linear, velocity,
+        no shift, as released. An adaptive ODE keeps no shift.
         """
         trained = trained or {}
         eps = trained.get("sample_eps")
+        shift = self.time_shift
+        if shift is None:
+            shift = 1.0 if self.adaptive else float(trained.get("sample_time_shift", 1.0))
         return dataclasses.replace(
             self,
             path_type=self.path_type or parse_choice(PathType, trained.get("path_type", PathType.LINEAR)),
@@ -112,6 +124,7 @@ class SamplerOptions:
             sample_eps=self.sample_eps
             if self.sample_eps is not None
             else (eps if eps is not None and eps >= 0 else None),
+            time_shift=shift,
         )
 
     def nfe_per_sample(self) -> int | None:
@@ -170,6 +183,7 @@ def _sampler_options(args: argparse.Namespace) -> SamplerOptions:
         prediction=parse_choice(Prediction, args.prediction) if args.prediction else None,
         sample_eps=args.sample_eps,
         precision=parse_choice(Precision, args.precision),
+        time_shift=args.time_shift,
     )
 
 
@@ -219,8 +233,11 @@ def run_sampler(
             forward, labels, options.cfg_scale, null_class, options.guided_channels, options.guidance_interval
         )
     transport = options.transport()
+    shift = options.time_shift or 1.0
     if options.mode is Mode.ODE:
-        return sample_ode(fn, transport, noise, options.method, options.num_steps, options.atol, options.rtol)
+        return sample_ode(
+            fn, transport, noise, options.method, options.num_steps, options.atol, options.rtol, time_shift=shift
+        )
     return sample_sde(
         fn,
         transport,
@@ -232,4 +249,5 @@ def run_sampler(
         options.last_step,
         options.last_step_size,
         generator=list(generators),
+        time_shift=shift,
     )

@@ -20,8 +20,8 @@ from enum import Enum
 import numpy as np
 import torch
 
+from latents.argtypes import parse_choice
 from sampling.options import SamplingUsageError
-from trainer.transport import parse_choice
 
 Tensor = torch.Tensor
 

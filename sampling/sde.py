@@ -10,19 +10,25 @@ Step counting: ``num_steps`` counts every step that advances time, the last (den
 included. With a last step, num_steps - 1 SDE steps run on [t0, 1 - last_step_size] and the last
 step covers the rest; without, num_steps SDE steps run on [t0, 1 - eps]. For a velocity model,
 Euler-Maruyama with 250 steps makes exactly 250 model calls; Heun 2 per SDE step + 1.
+
+Time grid: uniform on [t0, t1], or warped by SD3's time shift (``time_shift`` > 1 puts more
+steps near noise; `trainer.transport.time_grid`). The last step is unchanged by the shift.
+
+The choices (method, diffusion form, last step) are enum members, parsed from user strings once
+at the edge (`sampling.options`); exact values are accepted and turned into members once per call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 
 import torch
 
 from sampling.guidance import ModelFn
 from sampling.result import CountedModel, SampleResult, time_vector
-from trainer.transport import EPS, Path, PathType, Prediction, Transport, expand_like, parse_choice
+from trainer.transport import EPS, Path, PathType, Prediction, Transport, expand_like, time_grid
 
 Tensor = torch.Tensor
 
@@ -52,24 +58,29 @@ class SdeMethod(str, Enum):
     HEUN = "heun"  # stochastic Heun as in the released code
 
 
-def diffusion_coefficient(path: Path, t: Tensor, form: DiffusionForm | str, norm: float = 1.0) -> Tensor:
-    """w_t for the given form (same shape as t)."""
-    form = parse_choice(DiffusionForm, form)
+def diffusion_function(path: Path, form: DiffusionForm, norm: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """t -> w_t (same shape as t) for the given form, chosen once (the sampler calls it every step)."""
+    form = DiffusionForm(form)
     if form is DiffusionForm.CONSTANT:
-        return torch.full_like(t, norm)
+        return lambda t: torch.full_like(t, norm)
     if form is DiffusionForm.SBDM:
-        return norm * path.g(t)
+        return lambda t: norm * path.g(t)
     if form is DiffusionForm.SIGMA:
-        return norm * path.sigma(t)[0]
+        return lambda t: norm * path.sigma(t)[0]
     if form is DiffusionForm.LINEAR:
-        return norm * (1 - t)
+        return lambda t: norm * (1 - t)
     if form is DiffusionForm.DECREASING:
-        return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
-    return norm * torch.sin(math.pi * t) ** 2
+        return lambda t: 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
+    return lambda t: norm * torch.sin(math.pi * t) ** 2
+
+
+def diffusion_coefficient(path: Path, t: Tensor, form: DiffusionForm, norm: float = 1.0) -> Tensor:
+    """w_t for the given form (same shape as t)."""
+    return diffusion_function(path, form, norm)(t)
 
 
 def sde_interval(
-    transport: Transport, form: DiffusionForm | str, last_step: LastStep | str, last_step_size: float
+    transport: Transport, form: DiffusionForm, last_step: LastStep, last_step_size: float
 ) -> tuple[float, float]:
     """[t0, t1] of the SDE part.
 
@@ -77,8 +88,7 @@ def sde_interval(
     starts at eps >= 1e-3 (g is infinite at t = 0), and without a last step the SDE stops at
     1 - max(sample_eps, 1e-3) for Linear/GVP (the score from a velocity is 0/0 at t = 1).
     """
-    form = parse_choice(DiffusionForm, form)
-    last_step = parse_choice(LastStep, last_step)
+    form, last_step = DiffusionForm(form), LastStep(last_step)
     eps = transport.sample_eps
     vp = transport.path_type is PathType.VP
     t0 = 0.0
@@ -99,13 +109,14 @@ def sample_sde(
     model_fn: ModelFn,
     transport: Transport,
     x: Tensor,
-    method: SdeMethod | str = SdeMethod.EULER,
+    method: SdeMethod = SdeMethod.EULER,
     num_steps: int = 250,
-    diffusion_form: DiffusionForm | str = DiffusionForm.SIGMA,
+    diffusion_form: DiffusionForm = DiffusionForm.SIGMA,
     diffusion_norm: float = 1.0,
-    last_step: LastStep | str = LastStep.MEAN,
+    last_step: LastStep = LastStep.MEAN,
     last_step_size: float = 0.04,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    time_shift: float = 1.0,
 ) -> SampleResult:
     """Sample from noise ``x`` (at t0) to data. Released defaults: Euler-Maruyama, 250 steps,
     diffusion form ``sigma`` with norm 1, last step ``Mean`` of size 0.04.
@@ -113,9 +124,9 @@ def sample_sde(
     The Brownian increments are drawn from ``generator`` (same generator state, same samples).
     A sequence of generators, one per sample, draws sample b's increments from generator b
     alone, so a sample does not depend on the batch it runs in (the bulk sampler's contract).
+    ``time_shift`` warps the SDE steps' grid (module docstring).
     """
-    method = parse_choice(SdeMethod, method)
-    last_step = parse_choice(LastStep, last_step)
+    method, last_step = SdeMethod(method), LastStep(last_step)
     if isinstance(generator, Sequence) and len(generator) != x.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} samples")
     path = transport.path
@@ -124,9 +135,10 @@ def sample_sde(
     if sde_steps < 1:
         raise ValueError(f"num_steps={num_steps} leaves no SDE step")
     model = CountedModel(model_fn)
+    diffusion = diffusion_function(path, diffusion_form, diffusion_norm)
 
     def w(t: Tensor) -> Tensor:
-        return expand_like(diffusion_coefficient(path, t, diffusion_form, diffusion_norm), x)
+        return expand_like(diffusion(t), x)
 
     def velocity_score(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return transport.velocity_and_score(model(x_t, t), x_t, t)
@@ -142,10 +154,11 @@ def sample_sde(
             )
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    grid = torch.linspace(t0, t1, sde_steps + 1, dtype=torch.float64)
-    dt = (t1 - t0) / sde_steps
+    grid = time_grid(t0, t1, sde_steps, time_shift)
+    # the unshifted step is the released constant (t1 - t0) / n, not a difference of grid points
+    sizes = [(t1 - t0) / sde_steps] * sde_steps if time_shift == 1.0 else (grid[1:] - grid[:-1]).tolist()
     with torch.no_grad():
-        for i in range(sde_steps):
+        for i, dt in enumerate(sizes):
             t = time_vector(grid[i], x)
             if method is SdeMethod.EULER:
                 x = x + sde_drift(x, t) * dt + torch.sqrt(2 * w(t) * dt) * noise()

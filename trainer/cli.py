@@ -23,9 +23,12 @@ end, ema.safetensors (the consolidated EMA, loadable by `sit sample`; export_url
 
 
 MODELS_DESCRIPTION = """\
-List the SiT model presets (SiT-S/B/L/XL with patch 2, 4 or 8): depth, width, heads, patch size,
-tokens per image at --input-size and parameter count. A preset name goes to `sit train --set
-model.name=NAME` or to `sit sample --model NAME` for a released .pt checkpoint.
+List the SiT models (SiT-S/B/L/XL with patch 1, 2, 4 or 8): depth, width, heads, patch size,
+tokens per image at --input-size, parameter count and GMAC (multiply-adds, the papers' "FLOPs")
+of one forward pass, counted by torch's FlopCounterMode on meta tensors (nothing allocated).
+Then the `sit train` presets with their block options (released: gelu MLP, LayerNorm; modern:
+SwiGLU, RMSNorm, 2-D RoPE, qk-norm). A model name goes to `sit train --set model.name=NAME` or to
+`sit sample --model NAME` for a released .pt checkpoint; a preset to `sit train --preset NAME`.
 """
 
 
@@ -36,17 +39,30 @@ def _presets() -> list[str]:
 
 
 def models(args: argparse.Namespace) -> int:
-    from trainer.model import SIT_MODELS, build_model, count_parameters
+    import torch
 
-    print(f"{'name':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>12}")
+    from trainer.config import PRESETS
+    from trainer.model import SIT_MODELS, SiT, build_model, count_parameters, forward_gmac
+
+    print(f"{'name':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>12} {'GMAC':>8}")
     for name in SIT_MODELS:
         model = build_model(name, device="meta", input_size=args.input_size)
         c = model.config
         tokens = (c.input_size // c.patch_size) ** 2
         print(
             f"{name:<10} {c.depth:>5} {c.hidden_size:>6} {c.num_heads:>5} {c.patch_size:>5} {tokens:>6} "
-            f"{count_parameters(model):>12,}"
+            f"{count_parameters(model):>12,} {forward_gmac(c):>8.1f}"
         )
+    print(f"\n{'preset':<20} {'model':<8} {'latent':>10} {'blocks':<30} {'params':>12} {'GMAC':>8}")
+    for name, make in PRESETS.items():
+        config = make().model.sit_config()
+        with torch.device("meta"):
+            model = SiT(config)
+        c = config
+        blocks = "/".join([c.mlp.value, c.norm.value] + ["rope"] * c.rope + ["qk-norm"] * c.qk_norm)
+        size = make().model.name.removeprefix("SiT-")
+        latent = f"{c.in_channels}x{c.input_size}x{c.input_size}"
+        print(f"{name:<20} {size:<8} {latent:>10} {blocks:<30} {count_parameters(model):>12,} {forward_gmac(c):>8.1f}")
     return 0
 
 
@@ -145,7 +161,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models",
-        help="list the SiT model presets",
+        help="list the SiT models and training presets (parameters, GMAC)",
         description=MODELS_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -19,10 +19,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latents.argtypes import parse_choice
 from latents.autoencoder import LatentNorm
 from latents.reader import DEFAULT_WINDOW_BYTES
-from trainer.model import LABEL_DROPOUT, NUM_CLASSES, SIT_MODELS, SiTConfig, sit_config
-from trainer.transport import LossWeight, PathType, Prediction, Transport, parse_choice
+from trainer.model import LABEL_DROPOUT, NUM_CLASSES, SIT_MODELS, MlpKind, NormKind, SiTConfig, sit_config
+from trainer.transport import LossWeight, PathType, Prediction, TimeSampling, Transport
 
 PRECISIONS = ("bf16", "fp32")
 
@@ -43,14 +44,25 @@ class ModelConfig:
     num_classes: int = NUM_CLASSES  # classes; must match the dataset (the null class is index num_classes)
     class_dropout_prob: float = LABEL_DROPOUT  # label dropout probability (for classifier-free guidance)
     learn_sigma: bool = True  # 2x output channels like the released checkpoints (second half unused)
+    mlp: str = "gelu"  # block MLP: gelu (released) or swiglu
+    norm: str = "layernorm"  # block norms: layernorm (released) or rmsnorm
+    rope: bool = False  # 2-D axial RoPE on q and k over the patch grid
+    qk_norm: bool = False  # per-head RMSNorm of q and k
 
     def sit_config(self) -> SiTConfig:
+        try:
+            block = {"mlp": parse_choice(MlpKind, self.mlp), "norm": parse_choice(NormKind, self.norm)}
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
         common = {
             "input_size": self.input_size,
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "class_dropout_prob": self.class_dropout_prob,
             "learn_sigma": self.learn_sigma,
+            **block,
+            "rope": self.rope,
+            "qk_norm": self.qk_norm,
         }
         if self.name == "custom":
             sizes = (self.depth, self.hidden_size, self.num_heads, self.patch_size)
@@ -90,15 +102,28 @@ class TransportConfig:
     loss_weight: str = "none"  # none, velocity or likelihood (score/noise predictions)
     train_eps: float = -1.0  # training time interval margin; -1 = the released default for the path
     sample_eps: float = -1.0  # sampling time margin (preview grids); -1 = the released default
+    time_sampling: str = "uniform"  # training times: uniform (released) or logit_normal
+    logit_mean: float = 0.0  # logit_normal m: t = sigmoid(u), u ~ N(m, s^2); m > 0 favours data (SD3's m is -m)
+    logit_std: float = 1.0  # logit_normal s
+    time_shift: float = 1.0  # SD3 shift of the training times, t / (s + (1 - s) t); > 1 towards noise
+    sample_time_shift: float = 1.0  # the same shift for the samplers' grids (evaluation; `sit sample`'s default)
+    direction_weight: float = 0.0  # weight of the velocity-direction loss 1 - cos(v_theta, u_t) added to the MSE
 
     def build(self) -> Transport:
         try:
+            if not self.sample_time_shift > 0:
+                raise ValueError(f"sample_time_shift must be > 0, got {self.sample_time_shift}")
             return Transport(
                 parse_choice(PathType, self.path_type),
                 parse_choice(Prediction, self.prediction),
                 parse_choice(LossWeight, self.loss_weight),
                 None if self.train_eps < 0 else self.train_eps,
                 None if self.sample_eps < 0 else self.sample_eps,
+                parse_choice(TimeSampling, self.time_sampling),
+                self.logit_mean,
+                self.logit_std,
+                self.time_shift,
+                self.direction_weight,
             )
         except ValueError as err:
             raise ConfigError(f"transport: {err}") from None
@@ -293,10 +318,26 @@ def _preset(name: str, input_size: int, in_channels: int = 4, pixels: int = 8, t
     return c
 
 
+def modernize(c: TrainConfig) -> TrainConfig:
+    """The modern recipe on top of a config (LightningDiT, Yao et al. 2025): SwiGLU, RMSNorm, 2-D RoPE
+    and qk-norm blocks, logit-normal(0, 1) training times and the direction loss with weight 1."""
+    c.model.mlp, c.model.norm, c.model.rope, c.model.qk_norm = "swiglu", "rmsnorm", True, True
+    c.transport.time_sampling, c.transport.direction_weight = "logit_normal", 1.0
+    return c
+
+
+def _modern(name: str, input_size: int) -> TrainConfig:
+    c = modernize(_preset(name, input_size))
+    c.run_dir += "-modern"
+    return c
+
+
 PRESETS = {
     "sit-xl2-256": lambda: _preset("SiT-XL/2", 32),
     "sit-xl2-512": lambda: _preset("SiT-XL/2", 64),
     "sit-b2-256": lambda: _preset("SiT-B/2", 32),
+    "sit-xl2-256-modern": lambda: _modern("SiT-XL/2", 32),
+    "sit-b2-256-modern": lambda: _modern("SiT-B/2", 32),
     # RAE (DINOv2-B/14 at 224, decoder patch 16): 768 x 16 x 16 latents at 256 px, one token per latent pixel
     "sit-xl1-rae-256": lambda: _preset("SiT-XL/1", 16, 768, 16, "-rae"),
     # 32-channel f16 latents (e.g. DC-AE f32c32 at 512 px, or any f16c32 autoencoder at 256 px)

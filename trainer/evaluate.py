@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from latents.argtypes import parse_choice
 from sampling.fid import Statistics, frechet_distance
 from sampling.options import Mode, SamplerOptions, run_sampler
 from sampling.plan import ClassPolicy, SamplePlan
-from trainer.transport import parse_choice
 
 if TYPE_CHECKING:
     from trainer.train import Trainer

@@ -5,13 +5,19 @@ the released SiT/DiT ones, so released state dicts load unchanged (see `checkpoi
 
 Time convention (as in the released code): t = 0 is pure noise, t = 1 is data; the raw t in
 [0, 1] goes into the timestep embedding (not t * 1000).
+
+Block options (`SiTConfig`; the released DiT block is the default and its parameter names are
+unchanged): a SwiGLU MLP, RMSNorm in place of LayerNorm, 2-D axial RoPE on the patch grid and
+qk-norm, the modern choices of LightningDiT (Yao et al. 2025) and others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,18 @@ from torch import nn
 NUM_CLASSES = 1000  # ImageNet; the null (unconditional) class is index `num_classes`
 LABEL_DROPOUT = 0.1  # probability of replacing a label by the null class in training
 TIME_FREQUENCIES = 256  # width of the sinusoidal timestep embedding
+ROPE_THETA = 10000.0  # base of the RoPE frequencies
+NORM_EPS = 1e-6  # epsilon of every normalisation in the model
+
+
+class MlpKind(str, Enum):
+    GELU = "gelu"  # released: fc2(gelu_tanh(fc1 x)), hidden mlp_ratio * D
+    SWIGLU = "swiglu"  # fc2(silu(a) * b), (a, b) = fc1 x, hidden 2/3 * mlp_ratio * D (same parameter count)
+
+
+class NormKind(str, Enum):
+    LAYERNORM = "layernorm"  # released: (x - mean) / sqrt(var + eps)
+    RMSNORM = "rmsnorm"  # x / sqrt(mean(x^2) + eps)
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,15 @@ class SiTConfig:
     class_dropout_prob: float = LABEL_DROPOUT  # label dropout in training (for CFG)
     learn_sigma: bool = True  # 2x output channels as the released checkpoints; only the first half is used
     mlp_ratio: float = 4.0  # MLP hidden width / D
+    mlp: MlpKind = MlpKind.GELU  # MLP of each block: gelu (released) or swiglu
+    norm: NormKind = NormKind.LAYERNORM  # the blocks' and final layer's norms: layernorm (released) or rmsnorm
+    rope: bool = False  # 2-D axial rotary positions on q and k (added to the released absolute positions)
+    qk_norm: bool = False  # RMSNorm of q and k per head (learned scale) before attention
+
+    def __post_init__(self) -> None:
+        # enums from a saved export's JSON arrive as their strings; the values are exact (no user parsing)
+        object.__setattr__(self, "mlp", MlpKind(self.mlp))
+        object.__setattr__(self, "norm", NormKind(self.norm))
 
 
 # (depth, hidden, heads) per size, DESIGN.md section 2.
@@ -75,6 +102,37 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+
+
+def make_norm(kind: NormKind, dim: int) -> nn.Module:
+    """The block norm without affine parameters (adaLN supplies scale and shift)."""
+    if kind is NormKind.RMSNORM:
+        return nn.RMSNorm(dim, eps=NORM_EPS, elementwise_affine=False)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+
+
+def rope_angles_2d(head_dim: int, grid_h: int, grid_w: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """(T, head_dim / 2) rotation angles of 2-D axial RoPE, T = grid_h * grid_w row-major.
+
+    The first head_dim/4 channel pairs rotate by the row index, the last head_dim/4 by the column
+    index, with frequencies theta^(-k / (head_dim / 4)), k = 0 .. head_dim/4 - 1 (RoFormer, Su et
+    al. 2021, eq. 15, applied per axis as in EVA-02 / LightningDiT).
+    """
+    if head_dim % 4:
+        raise ValueError(f"head size {head_dim} must be divisible by 4 for 2-D RoPE")
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (hd/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    return torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i + 1) of x (B, heads, T, hd) by angles (T, hd / 2)."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]  # (B, heads, T, hd/2)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
 class PatchEmbed(nn.Module):
@@ -129,23 +187,33 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS) if qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, D); rope: (T, head_dim / 2) angles or None
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Mlp(nn.Module):
+    """Released MLP: fc2(gelu_tanh(fc1 x))."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -156,28 +224,55 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): fc2(silu(a) * b) with (a, b) = fc1(x) split in halves.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    ``hidden`` is the released MLP's width; the gated width is 2/3 of it, so the parameter count
+    matches the GELU MLP's (as LLaMA and LightningDiT do).
+    """
+
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        gated = int(2 * hidden / 3)
+        self.fc1 = nn.Linear(dim, 2 * gated)
+        self.fc2 = nn.Linear(gated, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (the released DiT block with the defaults)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        mlp: MlpKind = MlpKind.GELU,
+        norm: NormKind = NormKind.LAYERNORM,
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = make_norm(norm, hidden_size)
+        mlp_class = SwiGLU if mlp is MlpKind.SWIGLU else Mlp
+        self.mlp = mlp_class(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, D); c: (B, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, D); c: (B, D); rope: (T, head_dim / 2) or None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: NormKind = NormKind.LAYERNORM):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -204,8 +299,10 @@ class SiT(nn.Module):
         grid = c.input_size // c.patch_size
         # Frozen positions: a buffer (never trained), saved in the state dict under the released name.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(c.hidden_size, grid, grid)[None])
-        self.blocks = nn.ModuleList(SiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self.blocks = nn.ModuleList(
+            SiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.norm, c.qk_norm) for _ in range(c.depth)
+        )
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels, c.norm)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -234,6 +331,9 @@ class SiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm) and module.weight is not None:  # qk-norm scales
+                nn.init.ones_(module.weight)
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(1, T, D) positions: the stored table for the built grid, computed for any other."""
@@ -267,8 +367,11 @@ class SiT(nn.Module):
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by patch size {p}")
         h = self.x_embedder(x) + self.positions(grid_h, grid_w)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, label_generator)  # (B, D)
+        rope = None
+        if self.config.rope:
+            rope = rope_angles_2d(self.config.hidden_size // self.config.num_heads, grid_h, grid_w).to(x.device)
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c) if rope is None else block(h, c, rope)
         out = self.unpatchify(self.final_layer(h, c), grid_h, grid_w)  # (B, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]
@@ -286,3 +389,23 @@ def build_model(name: str, device: torch.device | str | None = None, **overrides
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_gmac(config: SiTConfig) -> float:
+    """GMAC (multiply-adds / 1e9) of one forward pass for one image at ``config.input_size``,
+    counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions,
+    attention; not the elementwise ops) on meta tensors: nothing is allocated. The blocks are
+    identical, so models of depth 1 and 2 are counted and the difference scaled to the depth."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(depth: int) -> float:
+        with torch.device("meta"):
+            model = SiT(dataclasses.replace(config, depth=depth)).eval()
+            x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
+            t, y = torch.empty(1), torch.zeros(1, dtype=torch.long)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(x, t, y)
+        return counter.get_total_flops() / 2e9
+
+    one, two = count(1), count(2)
+    return one + (config.depth - 1) * (two - one)

@@ -50,6 +50,7 @@ from trainer.preview import draw_preview
 from trainer.rollback import SpikeMonitor, poison, roll_back
 
 log = logging.getLogger(__name__)
+LOSS_PARTS = ("mse", "direction")  # per-term losses logged (overall and by t bin) when the loss has several
 
 
 class DatasetMismatchError(ValueError):
@@ -283,7 +284,11 @@ class Trainer:
         finite = torch.isfinite(losses)
         safe = torch.where(finite, losses, 0.0)
         f64 = {"dtype": torch.float64, "device": dev}
-        # one all-reduce: [loss sum, count, non-finite count, stop flag, grad norm^2, loss sums by t bin, counts by bin]
+        bins = self.config.log.time_bins
+        parts = [k for k in LOSS_PARTS if k in terms]  # the loss's terms when it has several (transport.loss_terms)
+        part_sums = [time_bin_sums(torch.where(finite, terms[k].detach(), 0.0), terms["t"], bins)[:bins] for k in parts]
+        # one all-reduce: [loss sum, count, non-finite count, stop flag, grad norm^2, loss sums by t bin, counts by bin,
+        # then each part's sums by t bin]
         stats = torch.cat(
             [
                 safe.double().sum().view(1),
@@ -291,7 +296,8 @@ class Trainer:
                 (~finite).sum().double().view(1),
                 torch.tensor([stop_requested], **f64),
                 grad_sq.view(1),
-                time_bin_sums(safe, terms["t"], self.config.log.time_bins),
+                time_bin_sums(safe, terms["t"], bins),
+                *part_sums,
             ]
         )
         if self.world.world_size > 1:
@@ -325,8 +331,7 @@ class Trainer:
                 f"step {self.step}: {self.nonfinite_run} consecutive steps with a non-finite loss or gradient norm "
                 f"(max_nonfinite={self.config.max_nonfinite}); last good checkpoint under {self.checkpoints.url}"
             )
-        bins = self.config.log.time_bins
-        bin_sums, bin_counts = stats[5 : 5 + bins], stats[5 + bins :]
+        bin_sums, bin_counts = stats[5 : 5 + bins], stats[5 + bins : 5 + 2 * bins]
         out = {
             "loss": float(stats[0] / max(count - stats[2], 1)) if ok else math.nan,
             "grad_norm": grad_norm,
@@ -338,6 +343,12 @@ class Trainer:
         for i in range(bins):
             if bin_counts[i] > 0:
                 out[f"loss_t{i}"] = float(bin_sums[i] / bin_counts[i])
+        for j, part in enumerate(parts):
+            sums = stats[5 + (2 + j) * bins : 5 + (3 + j) * bins]
+            out[part] = float(sums.sum() / max(count - stats[2], 1)) if ok else math.nan
+            for i in range(bins):
+                if bin_counts[i] > 0:
+                    out[f"{part}_t{i}"] = float(sums[i] / bin_counts[i])
         return out
 
     def _spike(self, loss: float, finite: bool) -> dict | None:

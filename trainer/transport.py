@@ -8,6 +8,18 @@ SiT code; the paper writes time the other way round):
 * Drift decomposition  f = -(d_alpha/alpha) x,  g = (d_alpha/alpha) sigma^2 - sigma d_sigma, so
   the velocity and the score s = grad log p_t relate exactly by  v = -f + g s  (paper eq. 9 in
   its own time direction).
+
+Training options beyond the released recipe (all off by default, which is the released code):
+
+* Time sampling. ``uniform`` (released) or ``logit_normal``: t = sigmoid(u), u ~ N(m, s^2),
+  density  p(t) = exp(-(logit(t) - m)^2 / (2 s^2)) / (s sqrt(2 pi) t (1 - t))  (SD3: Esser et
+  al. 2024, eq. 19). SD3 writes t = 1 for noise, so its m is -m here; m = 0 is the same in both.
+* Time shift s (SD3 section 5.3.2, eq. 23):  t' = s t / (1 + (s - 1) t)  in SD3's convention
+  (t = 1 noise). With our t = 1 - t_SD3 this is  t' = t / (s + (1 - s) t): s > 1 moves times
+  towards noise (t = 0), s = 1 is the identity, 0 and 1 are fixed. The same warp spaces the
+  samplers' time grids (`time_grid`).
+* Direction loss: w_dir * mean(1 - cos(v_theta, u_t)), the cosine taken over the channels at each
+  latent position (LightningDiT, Yao et al. 2025), added to the MSE of velocity models.
 """
 
 from __future__ import annotations
@@ -16,12 +28,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
-E = TypeVar("E", bound=Enum)
 
 
 class PathType(str, Enum):
@@ -42,15 +53,27 @@ class LossWeight(str, Enum):
     LIKELIHOOD = "likelihood"  # g / sigma^2
 
 
-def parse_choice(enum_cls: type[E], value: str | E) -> E:
-    """Turn a user string into an enum member; unknown values raise listing the valid ones."""
-    if isinstance(value, enum_cls):
-        return value
-    for member in enum_cls:
-        if isinstance(value, str) and value.lower() == str(member.value).lower():
-            return member
-    valid = ", ".join(str(m.value) for m in enum_cls)
-    raise ValueError(f"unknown {enum_cls.__name__} {value!r}; valid: {valid}")
+class TimeSampling(str, Enum):
+    UNIFORM = "uniform"  # released: uniform on the training interval
+    LOGIT_NORMAL = "logit_normal"  # t = sigmoid(u), u ~ N(m, s^2) (SD3)
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution time shift in our convention (t = 0 noise): t / (shift + (1 - shift) t).
+
+    Esser et al. 2024, eq. 23, write t' = s t / (1 + (s - 1) t) with t = 1 noise; substituting
+    t -> 1 - t on both sides gives this form. shift > 1 puts more time near noise.
+    """
+    return t / (shift + (1 - shift) * t)
+
+
+def time_grid(t0: float, t1: float, steps: int, shift: float = 1.0) -> Tensor:
+    """(steps + 1,) float64 times from t0 to t1: uniform, or the uniform grid on [0, 1] warped by
+    `shift_time` and mapped affinely onto [t0, t1] (the end points stay where they are)."""
+    if shift == 1.0:
+        return torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    return t0 + (t1 - t0) * shift_time(u, shift)
 
 
 def expand_like(t: Tensor, x: Tensor) -> Tensor:
@@ -162,8 +185,7 @@ class VPPath(Path):
         return sigma, -torch.exp(2 * log_mean) * d_log_mean / sigma
 
 
-def make_path(path: PathType | str) -> Path:
-    path = parse_choice(PathType, path)
+def make_path(path: PathType) -> Path:
     return {PathType.LINEAR: LinearPath, PathType.GVP: GVPPath, PathType.VP: VPPath}[path]()
 
 
@@ -183,19 +205,33 @@ class Transport:
 
     ``train_eps``/``sample_eps`` default (None) to the released values: 0 for velocity models on
     Linear/GVP, 1e-3 for score/noise models on Linear/GVP, and 1e-5 (train) / 1e-3 (sample)
-    on VP. Strings are accepted for the enums and checked.
+    on VP. The enums take members or their exact values; user strings are parsed at the edge
+    (`latents.argtypes.parse_choice` in the config and the CLI).
     """
 
-    path_type: PathType | str = PathType.LINEAR
-    prediction: Prediction | str = Prediction.VELOCITY
-    loss_weight: LossWeight | str = LossWeight.NONE
+    path_type: PathType = PathType.LINEAR
+    prediction: Prediction = Prediction.VELOCITY
+    loss_weight: LossWeight = LossWeight.NONE
     train_eps: float | None = None
     sample_eps: float | None = None
+    time_sampling: TimeSampling = TimeSampling.UNIFORM  # training times: uniform or logit_normal
+    logit_mean: float = 0.0  # m of logit_normal (our convention: m > 0 favours data)
+    logit_std: float = 1.0  # s of logit_normal
+    time_shift: float = 1.0  # SD3 shift of the training times (1 = none; > 1 towards noise)
+    direction_weight: float = 0.0  # weight of the velocity-direction (cosine) loss term (velocity models)
 
     def __post_init__(self) -> None:
-        self.path_type = parse_choice(PathType, self.path_type)
-        self.prediction = parse_choice(Prediction, self.prediction)
-        self.loss_weight = parse_choice(LossWeight, self.loss_weight)
+        self.path_type = PathType(self.path_type)
+        self.prediction = Prediction(self.prediction)
+        self.loss_weight = LossWeight(self.loss_weight)
+        self.time_sampling = TimeSampling(self.time_sampling)
+        if self.logit_std <= 0 or self.time_shift <= 0 or self.direction_weight < 0:
+            raise ValueError(
+                f"need logit_std > 0, time_shift > 0 and direction_weight >= 0; got {self.logit_std}, "
+                f"{self.time_shift}, {self.direction_weight}"
+            )
+        if self.direction_weight and self.prediction is not Prediction.VELOCITY:
+            raise ValueError(f"the direction loss needs velocity prediction, not {self.prediction.value}")
         self.path = make_path(self.path_type)
         if self.path_type is PathType.VP:
             default_train, default_sample = VP_TRAIN_EPS, EPS
@@ -242,12 +278,33 @@ class Transport:
     # ---- training -----------------------------------------------------------------------------
 
     def sample_time(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """(B,) float32 times uniform on the training interval."""
+        """(B,) float32 training times on the training interval [t0, t1].
+
+        u in [0, 1] is uniform or logit-normal, then warped by `shift_time` (if shift != 1), then
+        mapped to t0 + (t1 - t0) u. Uniform without a shift is the released draw, bit for bit.
+        """
         t0, t1 = self.train_interval()
-        return torch.rand(batch, generator=generator, device=device) * (t1 - t0) + t0
+        if self.time_sampling is TimeSampling.UNIFORM:
+            u = torch.rand(batch, generator=generator, device=device)
+        else:
+            normal = torch.randn(batch, generator=generator, device=device)
+            u = torch.sigmoid(normal * self.logit_std + self.logit_mean)
+        if self.time_shift != 1.0:
+            u = shift_time(u, self.time_shift)
+        return u * (t1 - t0) + t0
+
+    def loss_terms(self, out: Tensor, t: Tensor, x0: Tensor, x1: Tensor) -> dict[str, Tensor]:
+        """Per-sample loss terms (B,) of ``out`` at x_t(t, x0, x1): {"loss": total} and, with a
+        direction weight, also {"mse": ..., "direction": 1 - cos(out, u_t) averaged over positions}."""
+        mse = self.loss(out, t, x0, x1)
+        if not self.direction_weight:
+            return {"loss": mse}
+        _, u_t = self.path.interpolate(t, x0, x1)
+        direction = mean_flat(1 - F.cosine_similarity(out, u_t, dim=1))  # over channels, per position
+        return {"loss": mse + self.direction_weight * direction, "mse": mse, "direction": direction}
 
     def loss(self, out: Tensor, t: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
-        """Per-sample loss (B,) of model output ``out`` evaluated at x_t(t, x0, x1)."""
+        """Per-sample MSE loss (B,) of model output ``out`` evaluated at x_t(t, x0, x1)."""
         if self.prediction is Prediction.VELOCITY:
             _, u_t = self.path.interpolate(t, x0, x1)
             return mean_flat((out - u_t) ** 2)
@@ -271,7 +328,8 @@ class Transport:
     ) -> dict[str, Tensor]:
         """Draw t and x0 from ``generator``, run the model on x_t, return per-sample losses.
 
-        Returns {"loss": (B,), "t": (B,), "pred": model output}, loss and t in float32.
+        Returns {"loss": (B,), "t": (B,), "pred": model output} (plus "mse" and "direction"
+        with a direction weight, see `loss_terms`), losses and t in float32.
 
         Time, noise, the interpolation and the loss are computed in float32 whatever the data's
         or the model's dtype: in bfloat16 a t near 1 rounds to 1.0, where sigma = 0 and the VP
@@ -285,4 +343,4 @@ class Transport:
         out = model(x_t, t, **model_kwargs)
         if out.shape != x1.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} != data shape {tuple(x1.shape)}")
-        return {"loss": self.loss(out.float(), t, x0, x1), "t": t, "pred": out}
+        return {**self.loss_terms(out.float(), t, x0, x1), "t": t, "pred": out}

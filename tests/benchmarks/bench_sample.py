@@ -14,6 +14,11 @@ its workers (on a shared machine a nice'd actor would otherwise lose to a baseli
 Prints one JSON line per figure.
 
     PYTHONPATH=. python tests/benchmarks/bench_sample.py [--model SiT-S/8] [--num-images 8] [--batches 4,8]
+
+``--sampler-only`` times the sampler alone (`sampling.options.run_sampler`: noise -> latents, no
+decode, no Ray) on ``--device`` with ``--precision`` (bf16: autocast of the forward, as `sit
+sample --precision bf16`) and ``--compile`` (torch.compile per block), after an untimed warm-up
+batch: the GPU suite's sampling figure (tests/benchmarks/gpu_suite.sh).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from latents.autoencoder import load_autoencoder
 from sampling.generate import ModelSource
 from sampling.guidance import classifier_free_guidance
 from sampling.job import SampleJob, run_sample_job
-from sampling.options import SamplerOptions
+from sampling.options import Precision, SamplerOptions, run_sampler
 from tests.benchmarks.bench_sde_nfe import released_sde
 from tests.conftest import save_tiny_vae
 from trainer.export import save_export
@@ -63,6 +68,56 @@ def released_images_per_s(model, vae, args) -> tuple[float, float]:
     return done / wall, wall
 
 
+def sampler_only(args) -> None:
+    """Images/s of run_sampler alone on args.device (see the module docstring)."""
+    device = args.device
+    torch.manual_seed(0)
+    model = build_model(args.model, input_size=args.input_size).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+    precision = Precision(args.precision)
+    batch = args.num_images
+
+    def run(steps: int) -> float:
+        options = SamplerOptions(num_steps=steps, cfg_scale=args.cfg_scale, precision=precision)
+        noise = torch.randn(batch, 4, args.input_size, args.input_size, device=device)
+        labels = torch.randint(0, 1000, (batch,), device=device)
+        gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run_sampler(model, options, noise, labels, gens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(3)  # warm-up (and compilation)
+    seconds = run(args.steps)
+    print(
+        json.dumps(
+            {
+                "figure": "sde_cfg_sampling_images_per_s",
+                "value": round(batch / seconds, 3),
+                "model": args.model,
+                "image_size": args.input_size * 8,
+                "steps": args.steps,
+                "cfg_scale": args.cfg_scale,
+                "batch": batch,
+                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "precision": args.precision,
+                "compile": args.compile,
+                "decode": "none (sampler only)",
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SiT-S/8", help="model preset (random weights)")
@@ -71,7 +126,16 @@ def main() -> None:
     parser.add_argument("--batches", default="4,8", help="our sampler batch sizes to measure")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--sampler-only", action="store_true", help="time run_sampler alone (no Ray, no decode)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --sampler-only")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="with --sampler-only")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (with --sampler-only)")
     args = parser.parse_args()
+    if args.sampler_only:
+        sampler_only(args)
+        return
+    if (args.device, args.precision, args.compile) != ("cpu", "fp32", False):
+        parser.error("--device, --precision and --compile apply to --sampler-only (the Ray job runs on CPU here)")
 
     import ray
 

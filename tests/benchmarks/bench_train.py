@@ -14,6 +14,14 @@ drifts hit both alike) and the medians of the per-step times after a warm-up are
 Prints one JSON line per figure.
 
     python -m tests.benchmarks.bench_train [--steps 60]
+
+Like bench_encode.py, ``--device cuda``, ``--precision bf16`` (the trainer's policy; autocast in
+the plain loop) and ``--compile`` (torch.compile per block: `parallel.compile`, and the same in
+the plain loop) apply to both loops. ``--throughput PRESET`` instead times only the trainer's
+step (`Trainer.train_step` on one in-memory batch, so the reader is not what is measured: see
+bench_reader.py) for a `sit train` preset's model, e.g. sit-b2-256 or sit-xl2-256-modern, and
+prints its images/s and MFU (against ``--peak-tflops``, the H100 dense bf16 datasheet figure by
+default). tests/benchmarks/gpu_suite.sh runs those on one GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 from latents.format import LatentSpec
 from latents.writer import DatasetWriter
 from trainer.config import apply, preset
+from trainer.metrics import mfu
 from trainer.model import SiT
 from trainer.parallelize import close_world, init_world
 from trainer.train import Trainer
@@ -45,37 +54,47 @@ WARMUP = 10  # untimed steps of each loop first
 SEED = 0
 
 
-def write_data(url: str, n: int) -> None:
+def write_data(url: str, n: int, shape: tuple[int, ...] = SHAPE, classes: int = 10) -> None:
     rng = np.random.default_rng(0)
     with DatasetWriter(
-        url, LatentSpec(SHAPE), resolution=128, vae="synthetic", scaling_factor=1.0, num_classes=10
+        url, LatentSpec(shape), resolution=shape[-1] * 8, vae="synthetic", scaling_factor=1.0, num_classes=classes
     ) as w:
         for i in range(n):
-            mean = rng.standard_normal(SHAPE).astype(np.float32)
-            frame = np.stack([mean, np.full(SHAPE, 0.05, np.float32)])
-            w.add(f"s/{i:06d}", int(rng.integers(10)), np.stack([frame, frame[..., ::-1]]).astype(np.float16))
+            mean = rng.standard_normal(shape).astype(np.float32)
+            frame = np.stack([mean, np.full(shape, 0.05, np.float32)])
+            w.add(f"s/{i:06d}", int(rng.integers(classes)), np.stack([frame, frame[..., ::-1]]).astype(np.float16))
+
+
+def bench_config(args: argparse.Namespace, run_dir: str, data: str, batch: int):
+    """The tiny-cpu preset with the benchmark's model (or ``--throughput``'s preset) and flags."""
+    config = preset(args.throughput or "tiny-cpu")
+    apply(
+        config,
+        {
+            "run_dir": run_dir,
+            "seed": SEED,
+            "data": {"url": data, "global_batch_size": batch, "num_workers": 0},
+            "optim": {"lr": 1e-4, "ema_decay": 0.9999},
+            "parallel": {"precision": args.precision, "compile": args.compile},
+        },
+    )
+    if not args.throughput:
+        apply(config, {"model": MODEL})
+    return config.validate()
 
 
 class Ours:
     """The trainer's loop body: next batch, then `Trainer.train_step`."""
 
-    def __init__(self, data: str, run_dir: str):
-        config = preset("tiny-cpu")
-        apply(
-            config,
-            {
-                "run_dir": run_dir,
-                "seed": SEED,
-                "model": MODEL,
-                "data": {"url": data, "global_batch_size": BATCH, "num_workers": 0},
-                "optim": {"lr": 1e-4, "ema_decay": 0.9999},
-            },
-        )
-        self.trainer = Trainer(config.validate(), init_world("gloo"))
+    def __init__(self, config, device: str, in_memory: bool = False):
+        self.trainer = Trainer(config, init_world("gloo" if device == "cpu" else "nccl"))
         self.batches = iter(())
+        self.fixed = next(iter(self.trainer.loader)) if in_memory else None
 
     def step(self) -> None:
-        batch = next(self.batches, None)
+        batch = self.fixed
+        if batch is None:
+            batch = next(self.batches, None)
         if batch is None:  # the next epoch
             self.batches = iter(self.trainer.loader)
             batch = next(self.batches)
@@ -85,21 +104,30 @@ class Ours:
 class Plain:
     """The released loop's arithmetic: forward, loss, backward, AdamW, EMA, on an in-memory batch."""
 
-    def __init__(self):
-        config = preset("tiny-cpu")
-        apply(config, {"model": MODEL})
+    def __init__(self, config, device: str = "cpu", precision: str = "fp32", compile: bool = False):
         torch.manual_seed(SEED)
-        self.model = SiT(config.model.sit_config()).train()
+        self.model = SiT(config.model.sit_config()).to(device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0, foreach=True)
+        if compile:
+            for block in self.model.blocks:
+                block.compile()
+        cuda = device == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, weight_decay=0, foreach=not cuda, fused=cuda or None
+        )
         self.transport = Transport()
-        self.gen, self.label_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-        self.batch = (torch.randn(BATCH, *SHAPE), torch.randint(0, 10, (BATCH,)))
+        self.gen = torch.Generator(device).manual_seed(1)
+        self.label_gen = torch.Generator(device).manual_seed(2)
+        shape = (config.model.in_channels, config.model.input_size, config.model.input_size)
+        batch = config.data.global_batch_size
+        self.batch = (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
         self.ema_params, self.params = list(self.ema.parameters()), list(self.model.parameters())
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(self) -> None:
         x, y = self.batch
-        terms = self.transport.training_losses(self.model, x, self.gen, y=y, label_generator=self.label_gen)
+        with self.autocast:
+            terms = self.transport.training_losses(self.model, x, self.gen, y=y, label_generator=self.label_gen)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].mean().backward()
         self.opt.step()
@@ -107,21 +135,76 @@ class Plain:
             torch._foreach_lerp_(self.ema_params, self.params, 1 - 0.9999)
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(args: argparse.Namespace, common: dict) -> None:
+    """Images/s and MFU of the trainer's step for a preset's model, on one in-memory batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = preset(args.throughput)
+        shape = (probe.model.in_channels, probe.model.input_size, probe.model.input_size)
+        data = f"{tmp}/ds"
+        write_data(data, args.batch, shape, probe.model.num_classes)
+        config = bench_config(args, f"{tmp}/run", data, args.batch)
+        ours = Ours(config, args.device, in_memory=True)
+        times = []
+        for i in range(WARMUP + args.steps):
+            sync(args.device)
+            start = time.perf_counter()
+            ours.step()
+            sync(args.device)
+            if i >= WARMUP:
+                times.append(time.perf_counter() - start)
+        model_config = ours.trainer.model_config
+        close_world()
+    ips = args.batch / statistics.median(times)
+    flags = {"preset": args.throughput, "batch": args.batch, "steps": args.steps, **common}
+    print(json.dumps({"figure": "train_images_per_s", "value": round(ips, 2), **flags}))
+    value = mfu(model_config, ips, 1, args.peak_tflops)
+    print(json.dumps({"figure": "train_mfu", "value": round(value, 4), "peak_tflops": args.peak_tflops, **flags}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each (after a warm-up of 10)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (parallel.compile)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--throughput", metavar="PRESET", help="time only the trainer's step for this preset")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch of --throughput (default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for the MFU")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    common = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__, "threads": 1}
+    torch.set_num_threads(args.threads)
+    common = {
+        "date": str(date.today()),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "precision": args.precision,
+        "compile": args.compile,
+    }
+    if args.throughput:
+        throughput(args, common)
+        return
     times: dict[str, list[float]] = {"sit_train": [], "plain_loop": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/ds"
         write_data(data, BATCH * 24)
-        loops = {"sit_train": Ours(data, f"{tmp}/run"), "plain_loop": Plain()}
+        config = bench_config(args, f"{tmp}/run", data, BATCH)
+        loops = {
+            "sit_train": Ours(config, args.device),
+            "plain_loop": Plain(config, args.device, args.precision, args.compile),
+        }
         for i in range(WARMUP + args.steps):
             for name, loop in loops.items():
+                sync(args.device)
                 start = time.perf_counter()
                 loop.step()
+                sync(args.device)
                 if i >= WARMUP:
                     times[name].append(time.perf_counter() - start)
         close_world()

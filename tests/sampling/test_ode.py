@@ -5,7 +5,7 @@ import torch
 
 from sampling.gaussian import GaussianData
 from sampling.ode import ODE_METHODS, sample_ode
-from trainer.transport import PathType, Prediction, Transport
+from trainer.transport import PathType, Prediction, Transport, time_grid
 
 MEAN = torch.linspace(-1.0, 1.0, 16, dtype=torch.float64).reshape(4, 2, 2)
 STD = 0.5
@@ -90,3 +90,47 @@ def test_unknown_method_lists_valid_ones():
     with pytest.raises(ValueError, match="dopri5"):
         sample_ode(lambda x, t: x, Transport(), noise(2), method="rk45")
     assert {"euler", "heun", "dopri5", "dopri8", "bosh3"} <= set(ODE_METHODS)
+
+
+def test_time_shift_warps_the_fixed_grid_both_ways():
+    times = []
+
+    def model(x, t):
+        times.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    grid = time_grid(0.0, 1.0, 5, 3.0).tolist()
+    sample_ode(model, Transport(), noise(2), method="euler", num_steps=5, time_shift=3.0)
+    assert times == pytest.approx(grid[:-1], abs=1e-12)  # left ends of SD3's shifted grid
+    assert grid[1] < 0.1  # the first step is short: the shift puts steps near noise (t = 0)
+    times.clear()
+    sample_ode(model, Transport(), noise(2), method="euler", num_steps=5, reverse=True, time_shift=3.0)
+    assert times == pytest.approx(grid[::-1][:-1], abs=1e-12)
+
+
+def test_time_shift_keeps_the_flow_map():
+    transport = Transport()
+    data = GaussianData(transport, MEAN, STD)
+    z = noise()
+    out = sample_ode(data.model, transport, z, method="heun", num_steps=100, time_shift=3.0)
+    torch.testing.assert_close(out.x, data.flow_map(z, 0.0, 1.0), atol=1e-3, rtol=0)
+
+
+def test_time_shift_needs_fixed_steps():
+    with pytest.raises(ValueError, match="fixed-step"):
+        sample_ode(lambda x, t: x, Transport(), noise(2), method="dopri5", time_shift=2.0)
+
+
+def test_sampler_options_take_the_time_shift_from_the_flag_or_the_export():
+    from sampling.options import Mode, SamplerOptions, SamplingUsageError
+
+    trained = {"path_type": "Linear", "prediction": "velocity", "sample_eps": -1, "sample_time_shift": 3.0}
+    assert SamplerOptions().with_training_transport(trained).time_shift == 3.0
+    assert SamplerOptions(time_shift=1.5).with_training_transport(trained).time_shift == 1.5  # the flag wins
+    assert SamplerOptions().with_training_transport(None).time_shift == 1.0  # released checkpoints: no shift
+    adaptive = SamplerOptions(Mode.ODE, "dopri5", 50)
+    assert adaptive.with_training_transport(trained).time_shift == 1.0  # adaptive steps: no grid to shift
+    with pytest.raises(SamplingUsageError, match="--time-shift needs fixed steps"):
+        SamplerOptions(Mode.ODE, "dopri5", 50, time_shift=2.0)
+    with pytest.raises(SamplingUsageError, match="--time-shift must be > 0"):
+        SamplerOptions(time_shift=0.0)

@@ -24,7 +24,7 @@ import torch
 
 from sampling.gaussian import GaussianData
 from sampling.sde import DiffusionForm, LastStep, diffusion_coefficient, sample_sde
-from trainer.transport import PathType, Transport
+from trainer.transport import PathType, Transport, time_grid
 
 MEAN = torch.linspace(-1.0, 1.0, 16, dtype=torch.float64).reshape(4, 2, 2)
 STD = 0.5
@@ -138,14 +138,45 @@ def test_generator_makes_sampling_reproducible():
     assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
 
 
-def test_unknown_choices_list_valid_ones():
+def test_unknown_choices_raise():
+    # the samplers take members or exact values; user strings are parsed (listing the valid
+    # ones) at the edge, sampling.options - see test_sample_units
     z = torch.randn(2, 4)
-    with pytest.raises(ValueError, match="SBDM"):
+    with pytest.raises(ValueError, match="DiffusionForm"):
         sample_sde(lambda x, t: x, Transport(), z, diffusion_form="inccreasing-decreasing")
-    with pytest.raises(ValueError, match="Tweedie"):
+    with pytest.raises(ValueError, match="LastStep"):
         sample_sde(lambda x, t: x, Transport(), z, last_step="Denoise")
-    with pytest.raises(ValueError, match="euler, heun"):
+    with pytest.raises(ValueError, match="SdeMethod"):
         sample_sde(lambda x, t: x, Transport(), z, method="milstein")
+
+
+def test_the_diffusion_form_is_chosen_once_not_per_step(monkeypatch):
+    import sampling.sde as sde
+
+    chosen = []
+    real = sde.diffusion_function
+    monkeypatch.setattr(sde, "diffusion_function", lambda *a: chosen.append(a) or real(*a))
+    data = GaussianData(Transport(), MEAN, STD)
+    sample_sde(data.model, Transport(), torch.randn(4, 4, 2, 2, dtype=torch.float64), num_steps=20)
+    assert len(chosen) == 1
+
+
+def test_time_shift_grid_and_moments():
+    times = []
+    transport = Transport()
+    data = GaussianData(transport, MEAN, STD)
+
+    def model(x, t):
+        times.append(float(t[0]))
+        return data.model(x, t)
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(N, 4, 2, 2, dtype=torch.float64, generator=gen)
+    out = sample_sde(model, transport, z, method="heun", num_steps=250, generator=gen, time_shift=3.0)
+    grid = time_grid(0.0, 0.96, 249, 3.0).tolist()
+    assert times[0::2][:249] == pytest.approx(grid[:-1], abs=1e-12)  # Heun: 2 calls per step, then the last step
+    assert times[-1] == pytest.approx(0.96)
+    check_moments(data, DiffusionForm.SIGMA, LastStep.MEAN, out.x)
 
 
 @pytest.mark.parametrize("path_type", list(PathType))

@@ -48,6 +48,13 @@ def test_file_then_overrides(tmp_path):
         ("model.name=SiT-M/3", "valid: custom, SiT-S/1, SiT-S/2"),
         ("optim", "not KEY=VALUE"),
         ("optim=3", "is a section"),
+        ("model.mlp=relu", "model: unknown MlpKind 'relu'; valid: gelu, swiglu"),
+        ("model.norm=batchnorm", "valid: layernorm, rmsnorm"),
+        ("transport.time_sampling=beta", "valid: uniform, logit_normal"),
+        ("transport.time_shift=0", "time_shift > 0"),
+        ("transport.sample_time_shift=-1", "sample_time_shift must be > 0"),
+        ("transport.logit_std=0", "logit_std > 0"),
+        ("transport.direction_weight=-1", "direction_weight >= 0"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, message):
@@ -110,3 +117,36 @@ def test_presets_for_other_latents_and_shape_mismatch_names_both():
     with pytest.raises(DatasetMismatchError, match=r"\[128, 16, 16\] in the dataset \(stored \[32, 32, 32\], "
                        r"AutoencoderKLFlux2\), \[768, 16, 16\] in the model"):  # fmt: skip
         check_dataset("ds", card, rae)
+
+
+def test_modern_presets_switch_everything_and_the_released_ones_nothing():
+    for name in ("sit-xl2-256-modern", "sit-b2-256-modern"):
+        c = preset(name).validate()
+        m, t = c.model.sit_config(), c.transport.build()
+        assert (m.mlp.value, m.norm.value, m.rope, m.qk_norm) == ("swiglu", "rmsnorm", True, True)
+        assert (t.time_sampling.value, t.direction_weight) == ("logit_normal", 1.0)
+        assert c.run_dir.endswith("-modern")
+    released = preset("sit-xl2-256").validate()
+    m, t = released.model.sit_config(), released.transport.build()
+    assert (m.mlp.value, m.norm.value, m.rope, m.qk_norm) == ("gelu", "layernorm", False, False)
+    assert (t.time_sampling.value, t.time_shift, t.direction_weight) == ("uniform", 1.0, 0.0)
+    assert preset("sit-xl2-256-modern").model.name == released.model.name
+
+
+def test_transport_options_reach_the_transport():
+    c = resolve(
+        "tiny-cpu",
+        None,
+        ["transport.time_sampling=Logit_Normal", "transport.logit_mean=0.5", "transport.time_shift=2"],
+    )
+    t = c.transport.build()
+    assert (t.time_sampling.value, t.logit_mean, t.time_shift) == ("logit_normal", 0.5, 2.0)
+
+
+def test_sit_models_lists_gmac_and_the_presets(capsys):
+    assert sit(["models"]) == 0
+    out = capsys.readouterr().out
+    xl2 = next(line for line in out.splitlines() if line.startswith("SiT-XL/2 "))
+    assert xl2.split()[-2:] == ["674,834,720", "118.6"]  # parameters, GMAC per forward (the papers')
+    modern = next(line for line in out.splitlines() if line.startswith("sit-xl2-256-modern"))
+    assert "swiglu/rmsnorm/rope/qk-norm" in modern and modern.split()[-1] == "118.6"

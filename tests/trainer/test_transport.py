@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from latents.argtypes import parse_choice
 from sampling.gaussian import GaussianData
 from sampling.sde import DiffusionForm, diffusion_coefficient
 from trainer.transport import (
@@ -11,7 +12,6 @@ from trainer.transport import (
     Prediction,
     Transport,
     make_path,
-    parse_choice,
 )
 
 
@@ -26,7 +26,7 @@ def scalar(v: float) -> torch.Tensor:
 def test_reference_values_to_1e9(reference_dir):
     checked = 0
     for r in rows(reference_dir):
-        path = make_path(r["path"])
+        path = make_path(PathType(r["path"]))
         t, x0, x1, v = scalar(r["t"]), scalar(r["noise_x0"]), scalar(r["data_x1"]), scalar(r["v_model"])
         alpha, d_alpha = path.alpha(t)
         sigma, d_sigma = path.sigma(t)
@@ -90,16 +90,23 @@ def test_default_intervals_follow_released_code():
     assert Transport("VP", train_eps=0.01, sample_eps=0.02).ode_interval() == (0.0, 0.98)
 
 
-def test_unknown_choices_list_valid_ones():
+def test_unknown_choices_list_valid_ones_at_the_edge():
     with pytest.raises(ValueError, match="Linear, GVP, VP"):
-        Transport("Cosine")
+        parse_choice(PathType, "Cosine")
     with pytest.raises(ValueError, match="velocity, score, noise"):
-        Transport(prediction="x0")
+        parse_choice(Prediction, "x0")
     with pytest.raises(ValueError, match="none, velocity, likelihood"):
-        Transport(loss_weight="snr")
+        parse_choice(LossWeight, "snr")
     with pytest.raises(ValueError, match="increasing-decreasing"):
         parse_choice(DiffusionForm, "inccreasing-decreasing")
     assert parse_choice(PathType, "linear") is PathType.LINEAR
+
+
+def test_the_math_takes_members_or_exact_values_only():
+    assert Transport("GVP", "noise").path_type is PathType.GVP  # an exact value is the member
+    for bad in ({"path_type": "Cosine"}, {"path_type": "linear"}, {"prediction": "x0"}, {"loss_weight": "snr"}):
+        with pytest.raises(ValueError):
+            Transport(**bad)
 
 
 def test_time_draws_come_from_the_generator():
@@ -134,7 +141,7 @@ def test_loss_weights():
     )
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
     out = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-    path = make_path("GVP")
+    path = make_path(PathType.GVP)
     sigma = path.sigma(t)[0]
     g = path.g(t)
     plain = ((out - x0) ** 2).mean(1)
