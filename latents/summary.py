@@ -16,8 +16,10 @@ def summarize(url: str, storage_options: dict | None = None) -> dict:
     """A JSON-able summary of the dataset at ``url`` (raises DatasetError if it is not complete)."""
     index = LatentIndex.open(url, storage_options)
     card, spec = index.card, index.card.spec
-    labels = index.sample_column("label")
-    histogram = np.bincount(labels, minlength=card.num_classes)
+    histogram = np.zeros(card.num_classes, dtype=np.int64)
+    for _, table in index.iter_samples(["label"]):  # streamed: a few shards' labels at a time
+        counts = np.bincount(table.column("label").to_numpy(), minlength=len(histogram))
+        histogram = np.pad(histogram, (0, len(counts) - len(histogram))) + counts
     per_shard = index.shard_column("num_samples")
     index_bytes = sum(index.root.size(n) for n in (CARD_NAME, MANIFEST_NAME, SAMPLES_NAME))
     rejects = read_rejects(index.root)

@@ -352,13 +352,9 @@ class Trainer:
         return out
 
     def _spike(self, loss: float, finite: bool) -> dict | None:
-        """The spike this step is (trainer.rollback), decided alike on every rank (all-reduced), or None."""
+        """The spike this step is (trainer.rollback), or None: the same on every rank without a
+        collective, as ``loss`` and ``finite`` come from the all-reduced statistics."""
         reason = self.rollback.check(loss, finite)
-        if self.world.world_size > 1:
-            verdict = torch.tensor([reason is not None], dtype=torch.float64, device=self.world.device)
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
-            if verdict.item() and reason is None:  # cannot happen with equal inputs; act with the others
-                reason = "spike (on another rank)"
         if reason is None:
             return None
         median = self.rollback.median()
