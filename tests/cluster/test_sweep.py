@@ -142,3 +142,44 @@ def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_di
     here, _ = _sample_here(rows[0], args, source)
     on_ray, _ = _sample_on_ray(rows[1], args, source)
     assert here.shape == (12, 4, 8, 8) and np.array_equal(here, on_ray)
+
+
+def test_fid_path_samples_the_same_latents_and_scores_them_like_sit_eval(tmp_path, tiny_vae_dir):
+    """With --inception and --ref a row decodes its samples to samples.npz and records `sit eval`'s
+    FID of them; its latents (hence its latent FD) are those of the latent-only path."""
+    import argparse
+
+    import numpy as np
+    import torch
+
+    from cluster.sweep import Point, Row, parse_samplers, sample_row
+    from sampling.evaluate import evaluate
+    from tests.sampling.conftest import TINY, InceptionStandIn, tiny_sit
+    from trainer.config import preset
+    from trainer.export import save_export
+
+    inception_standin = tmp_path / "inception.pt"
+    torch.jit.script(InceptionStandIn()).save(str(inception_standin))
+    export = tmp_path / "point" / "train" / "ema.safetensors"
+    export.parent.mkdir(parents=True)
+    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
+    config = preset("tiny-cpu")
+    config.run_dir = str(export.parent)
+    point = Point({}, config, "point", tmp_path / "point")
+    sampler = parse_samplers("ode", 3)[0]
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8))
+    reference = np.random.default_rng(1).standard_normal((64, 4, 8, 8)).astype(np.float32)
+    common = {"vae": str(tiny_vae_dir), "num_samples": 10, "sample_seed": 3, "batch_size": 4, "address": None}
+    rows = {}
+    for name, inception in (("fid", str(inception_standin)), ("latent", None)):
+        args = argparse.Namespace(**common, inception=inception, ref=str(ref), allow_vae_mismatch=True)
+        rows[name] = Row(point, sampler, name, tmp_path / "point" / name)
+        sample_row(rows[name], args, reference)
+    with_fid, without = (json.loads((rows[n].dir / "result.json").read_text()) for n in ("fid", "latent"))
+    assert without["fid"] is None and not (rows["latent"].dir / "samples.npz").exists()
+    assert with_fid["latent_fd"] == without["latent_fd"] and math.isfinite(with_fid["latent_fd"])
+    images = np.load(rows["fid"].dir / "samples.npz")["arr_0"]
+    assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
+    expected = evaluate(str(rows["fid"].dir / "samples.npz"), str(ref), str(inception_standin), progress=False).fid
+    assert with_fid["fid"] == pytest.approx(expected) and with_fid["fid"] > 0
