@@ -30,6 +30,7 @@ subprocess, so that peak RSS (ru_maxrss) is its own:
 Prints one JSON line per figure.
 
     python -m tests.benchmarks.bench_scale [--sizes 1280000 5000000] [--code /work/main] [--workdir /tmp]
+        [--skip-verify] [--skip-encode]
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the temporary datasets go (default: $TMPDIR)")
     parser.add_argument("--label", default="current")
     parser.add_argument("--skip-verify", action="store_true", help="build the datasets for the reader figures only")
+    parser.add_argument("--skip-encode", action="store_true", help="no encode figures (scale_encode)")
     parser.add_argument(
         "--arrow-pool",
         choices=["default", "system"],
@@ -237,6 +239,8 @@ def main() -> None:
                     tag = {} if code == ROOT else {"code": str(code)}
                     result = run_child(["reader", url, str(world), warm], code, args.arrow_pool)
                     emit("reader_rank0", n, result, world=world, **tag, **pool)
+            if args.skip_encode:
+                continue
             try:
                 from tests.benchmarks.scale_encode import encode_figures
             except ImportError:
