@@ -13,7 +13,9 @@
     upload whose completion comes last - which is atomic on S3 and GCS. Nothing is copied or
     deleted. If a transient error hides whether the write landed (a lost response), the retry
     first looks: a final object with the expected size and sha256 counts as success, so the
-    bytes are not sent twice and no false failure is reported.
+    bytes are not sent twice and no false failure is reported. A writer killed during a
+    multipart upload leaves it incomplete (invisible, but its parts are billed):
+    `Root.abort_uploads` aborts those under a root (`sit encode` does at its start).
 """
 
 from __future__ import annotations
