@@ -8,7 +8,6 @@ from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from latents.artifacts import Kind, describe
@@ -98,39 +97,18 @@ class LatentIndex:
         first, count = self.shard_column("first_sample"), self.shard_column("num_samples")
         starts = self.row_group_starts
 
-        spans = []  # (rows [lo, hi), first row group) of each shard that has samples
-        for s in shards.tolist():
-            lo, hi = int(first[s]), int(first[s] + count[s])
-            g0 = int(np.searchsorted(starts, lo, side="right")) - 1
-            g1 = int(np.searchsorted(starts, hi, side="left"))  # row groups [g0, g1) hold [lo, hi)
-            if hi > lo:
-                spans.append((lo, hi, g0, g1))
-        groups = sorted({g for *_, g0, g1 in spans for g in range(g0, g1)})  # a row group of an old file: many shards
-
-        # glibc's allocator, not arrow's default (mimalloc): the file and decoding buffers (sized
-        # for whole batches) go back to the system when freed instead of staying in mimalloc's
-        # pages (1.5-3 MiB per reader process otherwise, whatever its share of the index)
-        pool = pa.system_memory_pool()
-
-        def scan(source) -> pa.Table:
-            whole = pads.ParquetFileFormat().make_fragment(source)  # the footer, parsed once
-            read = {
-                g: whole.subset(row_group_ids=[g]).to_table(columns=columns, use_threads=False, memory_pool=pool)
-                for g in groups
-            }  # one row group at a time: a scan of several does not keep their order
-            parts = []
-            for lo, hi, g0, g1 in spans:
-                table = read[g0] if g1 == g0 + 1 else pa.concat_tables([read[g] for g in range(g0, g1)])
-                parts.append(table.slice(lo - int(starts[g0]), hi - lo))
-            return pa.concat_tables(parts)
-
         def read(f) -> pa.Table:
-            if not spans:
-                return _empty(columns)
-            if not isinstance(f, str):
-                return scan(f)
-            with pa.OSFile(f, memory_pool=pool) as source:
-                return scan(source)
+            pf = pq.ParquetFile(f)
+            parts, cached, cached_groups = [], None, None
+            for s in shards.tolist():
+                lo, hi = int(first[s]), int(first[s] + count[s])
+                g0 = int(np.searchsorted(starts, lo, side="right")) - 1
+                g1 = int(np.searchsorted(starts, hi, side="left"))  # row groups [g0, g1) hold [lo, hi)
+                if cached_groups != (g0, g1):  # consecutive shards of an old file share a row group
+                    cached = pf.read_row_groups(list(range(g0, g1)), columns=columns, use_threads=False)
+                    cached_groups = (g0, g1)
+                parts.append(cached.slice(lo - int(starts[g0]), hi - lo))
+            return pa.concat_tables(parts) if parts else _empty(columns)
 
         return _parquet_call(self.root, SAMPLES_NAME, read)
 
