@@ -332,9 +332,16 @@ class Root:
         behind: invisible to listings, but its parts are stored and billed until aborted. Call it
         only while no writer of this root runs (the start of a job). Other stores: nothing to do
         (local and memory:// writes have no parts; GCS expires resumable uploads itself)."""
-        fs = self.fs
-        if not hasattr(fs, "abort_mpu"):  # s3fs only
+        if not hasattr(self.fs, "abort_mpu"):  # s3fs only
             return 0
+        try:
+            return self._abort_uploads()
+        except PermissionError as err:  # a policy without s3:ListBucketMultipartUploads / AbortMultipartUpload
+            log.warning("%s: cannot clear incomplete multipart uploads (%s); any left keep costing", self.url, err)
+            return 0
+
+    def _abort_uploads(self) -> int:
+        fs = self.fs
         bucket, _, prefix = self.path.partition("/")
         prefix = f"{prefix}/" if prefix else ""
         uploads, markers = [], {}
