@@ -82,12 +82,35 @@ class _Rows:
     size: np.ndarray
     flip_offset: np.ndarray
     key_hash: np.ndarray
-    keys: pa.Array
+    key_ends: np.ndarray  # (rows + 1,) offsets of each local row's key in key_bytes
+    key_bytes: np.ndarray  # the keys, UTF-8, one after another
 
     def local(self, rows: np.ndarray) -> np.ndarray:
         """Global sample rows -> local rows (every row's shard must be loaded)."""
         shard = np.searchsorted(self.first, rows, side="right") - 1
         return self.base[shard] + (rows - self.first[shard])
+
+    def key(self, row: int) -> str:
+        return self.key_bytes[self.key_ends[row] : self.key_ends[row + 1]].tobytes().decode()
+
+    def keys(self, rows: np.ndarray) -> list[str]:
+        return [self.key(r) for r in rows.tolist()]
+
+
+def _owned(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as a numpy array that owns its memory (no arrow buffer kept alive)."""
+    return np.array(column.to_numpy(), copy=True)
+
+
+def _string_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A string column (no nulls) as (ends, bytes) numpy arrays owning their memory: value i is
+    bytes[ends[i]:ends[i + 1]]."""
+    lengths, data = [np.zeros(1, np.int64)], []
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        lengths.append(np.diff(offsets).astype(np.int64))
+        data.append(np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]])
+    return np.cumsum(np.concatenate(lengths)), np.concatenate([np.zeros(0, np.uint8), *data])
 
 
 @dataclass
@@ -259,17 +282,24 @@ class LatentDataset(IterableDataset):
             raise DatasetError(f"{self.index.root.url_of(SAMPLES_NAME)}: unreadable: {err}") from None
         base = np.full(len(self._count), -1, dtype=np.int64)  # local row of each loaded shard's first sample
         base[shards] = np.concatenate([[0], np.cumsum(self._count[shards])[:-1]]) if len(shards) else []
-        return _Rows(
+        # numpy arrays of their own, and no arrow buffer kept: the parquet reader's buffers
+        # (sized for 64k-row batches) would otherwise pin several MiB of arrow's pool per worker
+        key_ends, key_bytes = _string_parts(table.column("key"))
+        rows = _Rows(
             first=self._first,
             base=base,
             labels=table.column("label").to_numpy().astype(np.int64),
-            shard=table.column("shard").to_numpy(),
-            offset=table.column("offset").to_numpy(),
-            size=table.column("size").to_numpy(),
-            flip_offset=table.column("flip_offset").to_numpy(),
-            key_hash=table.column("key_hash").to_numpy(),
-            keys=table.column("key").combine_chunks(),
+            shard=_owned(table.column("shard")),
+            offset=_owned(table.column("offset")),
+            size=_owned(table.column("size")),
+            flip_offset=_owned(table.column("flip_offset")),
+            key_hash=_owned(table.column("key_hash")),
+            key_ends=key_ends,
+            key_bytes=key_bytes,
         )
+        del table
+        pa.default_memory_pool().release_unused()
+        return rows
 
     def _chunks(self, rows: np.ndarray) -> list[_Chunk]:
         """Split a window's rows into range requests: per shard, consecutive rows, <= chunk_bytes."""
@@ -341,7 +371,7 @@ class LatentDataset(IterableDataset):
                 decompressor,
             )
         except (ValueError, zstandard.ZstdError) as err:
-            key = self._rows.keys[row].as_py()
+            key = self._rows.key(row)
             errors[row] = f"{self.index.root.url_of(shard_name(int(self._rows.shard[row])))}: sample {key}: {err}"
             return None
 
@@ -373,7 +403,7 @@ class LatentDataset(IterableDataset):
             if frame is None:
                 if self.bad_shard == "fail":
                     raise ShardError(errors[row])
-                skipped.append((self._rows.keys[row].as_py(), errors[row]))
+                skipped.append((self._rows.key(row), errors[row]))
                 rows[i], frame = self._replace(row, window_rows, buffers, errors, decompressor)
             stored[i] = frame
         if len(rows):
@@ -393,7 +423,7 @@ class LatentDataset(IterableDataset):
             "latents": self.transform.to_model(out, inplace=True),
             "labels": torch.from_numpy(self._rows.labels[rows]),
             "flips": torch.from_numpy(flips),
-            "keys": self._rows.keys.take(rows).to_pylist(),
+            "keys": self._rows.keys(rows),
             "skipped": skipped,
         }
 

@@ -13,13 +13,16 @@
     upload whose completion comes last - which is atomic on S3 and GCS. Nothing is copied or
     deleted. If a transient error hides whether the write landed (a lost response), the retry
     first looks: a final object with the expected size and sha256 counts as success, so the
-    bytes are not sent twice and no false failure is reported.
+    bytes are not sent twice and no false failure is reported. A writer killed during a
+    multipart upload leaves it incomplete (invisible, but its parts are billed):
+    `Root.abort_uploads` aborts those under a root (`sit encode` does at its start).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import logging
@@ -321,6 +324,44 @@ class Root:
             with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
                 os.remove(self.full(n))
         return stale
+
+    def abort_uploads(self) -> int:
+        """Abort the incomplete S3 multipart uploads under this root; returns how many.
+
+        A writer killed during a multipart upload (`publish_file` of a large file) leaves one
+        behind: invisible to listings, but its parts are stored and billed until aborted. Call it
+        only while no writer of this root runs (the start of a job). Other stores: nothing to do
+        (local and memory:// writes have no parts; GCS expires resumable uploads itself)."""
+        if not hasattr(self.fs, "abort_mpu"):  # s3fs only
+            return 0
+        try:
+            return self._abort_uploads()
+        except PermissionError as err:  # a policy without s3:ListBucketMultipartUploads / AbortMultipartUpload
+            log.warning("%s: cannot clear incomplete multipart uploads (%s); any left keep costing", self.url, err)
+            return 0
+
+    def _abort_uploads(self) -> int:
+        fs = self.fs
+        bucket, _, prefix = self.path.partition("/")
+        prefix = f"{prefix}/" if prefix else ""
+        uploads, markers = [], {}
+        while True:  # paginated: at most 1000 uploads a page
+            page = retry(
+                functools.partial(fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers),
+                f"listing incomplete uploads under {self.url}",
+                self.attempts,
+            )
+            uploads += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["Key"].startswith(prefix)]
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+        for key, upload in uploads:
+            with contextlib.suppress(FileNotFoundError):  # completed or aborted meanwhile
+                abort = functools.partial(fs.abort_mpu, bucket, key, upload)
+                retry(abort, f"aborting the upload to s3://{bucket}/{key}", self.attempts)
+        if uploads:
+            log.warning("%s: aborted %d incomplete multipart upload(s) left by a killed writer", self.url, len(uploads))
+        return len(uploads)
 
 
 def sha256(data: bytes) -> bytes:

@@ -374,6 +374,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     if not root.exists(RUN_NAME):
         root.publish_bytes(RUN_NAME, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
 
+    root.abort_uploads()  # parts of uploads a killed worker began (billed, never visible)
     pending = _pending_shards(root, plan)
     stage_seconds: dict[str, float] = {}
     encoded_now = 0

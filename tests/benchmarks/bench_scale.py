@@ -30,6 +30,7 @@ subprocess, so that peak RSS (ru_maxrss) is its own:
 Prints one JSON line per figure.
 
     python -m tests.benchmarks.bench_scale [--sizes 1280000 5000000] [--code /work/main] [--workdir /tmp]
+        [--skip-verify] [--skip-encode]
 """
 
 from __future__ import annotations
@@ -74,9 +75,17 @@ def settled_rss_mib() -> float:
 
 
 def peak_rss_mib(who: int = 0) -> float:
+    """This process's peak RSS (VmHWM), or its children's largest (ru_maxrss). Not ru_maxrss for
+    itself: Linux carries the RSS of the process that spawned it over exec into it, so a child of
+    a grown parent (e.g. after the in-process encode figures) would report the parent's size."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_CHILDREN if who else resource.RUSAGE_SELF).ru_maxrss / 1024
+    if who:
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
 
 
 # ---- the measurements, each run in its own subprocess: `python -m tests.benchmarks.bench_scale --child WHAT ...`
@@ -192,6 +201,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the temporary datasets go (default: $TMPDIR)")
     parser.add_argument("--label", default="current")
     parser.add_argument("--skip-verify", action="store_true", help="build the datasets for the reader figures only")
+    parser.add_argument("--skip-encode", action="store_true", help="no encode figures (scale_encode)")
+    parser.add_argument("--reader-repeats", type=int, default=1, help="reader figures per world size (fresh processes)")
     parser.add_argument(
         "--arrow-pool",
         choices=["default", "system"],
@@ -232,11 +243,13 @@ def main() -> None:
             if not args.skip_verify:
                 emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)
             pool = {"arrow_pool": args.arrow_pool}
-            for world in args.worlds:
+            for world in [w for w in args.worlds for _ in range(args.reader_repeats)]:
                 for code in [ROOT, *args.code]:
                     tag = {} if code == ROOT else {"code": str(code)}
                     result = run_child(["reader", url, str(world), warm], code, args.arrow_pool)
                     emit("reader_rank0", n, result, world=world, **tag, **pool)
+            if args.skip_encode:
+                continue
             try:
                 from tests.benchmarks.scale_encode import encode_figures
             except ImportError:

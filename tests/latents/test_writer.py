@@ -121,10 +121,10 @@ def test_publication_order_card_last(tmp_path, samples, monkeypatch):
     assert published[6:] == ["samples.parquet", "manifest.parquet", CARD_NAME]
 
 
-def test_duplicate_keys_across_shards_are_found_in_bounded_passes(tmp_path, samples, monkeypatch):
+def test_duplicate_keys_across_shards_are_found_in_bounded_buckets(tmp_path, samples, monkeypatch):
     import latents.keys
 
-    monkeypatch.setattr(latents.keys, "HASHES_PER_PASS", 7)  # 100 hashes: 15 passes over the hash file
+    monkeypatch.setattr(latents.keys, "HASHES_PER_BUCKET", 7)  # 100 hashes: 15 buckets
     items = [(k, lab, a) for k, (lab, a) in samples.items()]
     items[90] = (items[3][0], *items[90][1:])  # shard 4 repeats a key of shard 0
     url = str(tmp_path / "ds")
