@@ -19,6 +19,7 @@ with the other processes a test starts (Ray workers, torchrun ranks, moto).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -138,6 +139,18 @@ def ray_address(s3_endpoint, gcs_endpoint) -> str:
     )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def wait_for_free_cpus(timeout: float = 60.0) -> None:
+    """Wait until every CPU of the session's Ray cluster is free: after a test SIGKILLs a job's
+    driver, Ray kills that job's actors once it sees the driver gone; a rerun started in the test
+    process waits for that, so the killed job cannot still be writing while the rerun runs."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"the cluster's CPUs still held after {timeout:.0f} s"
+        time.sleep(0.1)
 
 
 def save_tiny_vae(path: Path, seed: int = 0) -> Path:
