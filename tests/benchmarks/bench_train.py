@@ -21,7 +21,9 @@ the plain loop) apply to both loops. ``--throughput PRESET`` instead times only 
 step (`Trainer.train_step` on one in-memory batch, so the reader is not what is measured: see
 bench_reader.py) for a `sit train` preset's model, e.g. sit-b2-256 or sit-xl2-256-modern, and
 prints its images/s and MFU (against ``--peak-tflops``, the H100 dense bf16 datasheet figure by
-default). tests/benchmarks/gpu_suite.sh runs those on one GPU.
+default). tests/benchmarks/gpu_suite.sh runs those on one GPU. ``--breakdown`` times each part of a
+step alone (next batch, forward, backward, optimizer, EMA), ours vs the plain loop
+alternated, and prints the medians in ms: where the overhead goes.
 """
 
 from __future__ import annotations
@@ -91,13 +93,15 @@ class Ours:
         self.batches = iter(())
         self.fixed = next(iter(self.trainer.loader)) if in_memory else None
 
-    def step(self) -> None:
-        batch = self.fixed
-        if batch is None:
-            batch = next(self.batches, None)
+    def next_batch(self) -> dict:
+        batch = next(self.batches, None)
         if batch is None:  # the next epoch
             self.batches = iter(self.trainer.loader)
             batch = next(self.batches)
+        return batch
+
+    def step(self) -> None:
+        batch = self.next_batch() if self.fixed is None else self.fixed
         self.trainer.train_step(batch, stop_requested=False)
 
 
@@ -166,6 +170,61 @@ def throughput(args: argparse.Namespace, common: dict) -> None:
     print(json.dumps({"figure": "train_mfu", "value": round(value, 4), "peak_tflops": args.peak_tflops, **flags}))
 
 
+def breakdown(args: argparse.Namespace, config, common: dict) -> None:
+    """Each part of a step timed alone, ours and the plain loop's alternated (medians, ms): where
+    the overhead goes. Ours' parts are `Trainer.train_step`'s, called one by one on FSDP2's
+    model, then a whole step of each; the parts timed alone need not add up to the step."""
+    ours, plain = Ours(config, args.device), Plain(config, args.device, args.precision, args.compile)
+    trainer = ours.trainer
+    batch = ours.next_batch()
+    x, y = batch["latents"], batch["labels"]
+
+    def ema_plain() -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(plain.ema_params, plain.params, 1 - 0.9999)
+
+    def steps(model, opt, ema, gen, label_gen, x, y) -> dict:
+        terms = {}
+        return {
+            "forward": lambda: terms.update(transport.training_losses(model, x, gen, y=y, label_generator=label_gen)),
+            "backward": lambda: terms.pop("loss").mean().backward(),
+            "optimizer": opt.step,
+            "ema": ema,
+            "zero_grad": lambda: opt.zero_grad(set_to_none=True),
+        }
+
+    transport = trainer.transport
+    loops = {
+        "sit_train": steps(
+            trainer.model,
+            trainer.optimizer,
+            lambda: trainer.ema.update(trainer.model),
+            trainer.noise_gen,
+            trainer.label_gen,
+            x,
+            y,
+        ),
+        "plain_loop": steps(plain.model, plain.opt, ema_plain, plain.gen, plain.label_gen, *plain.batch),
+    }
+    loops["sit_train"]["next_batch"] = ours.next_batch
+    whole = {"sit_train": lambda: trainer.train_step(batch, stop_requested=False), "plain_loop": plain.step}
+    times: dict[tuple[str, str], list[float]] = {}
+    for i in range(WARMUP + args.steps):
+        for name, parts in loops.items():
+            for part, fn in [*parts.items(), ("step", whole[name])]:
+                sync(args.device)
+                start = time.perf_counter()
+                fn()
+                sync(args.device)
+                if i >= WARMUP:
+                    times.setdefault((name, part), []).append(time.perf_counter() - start)
+    close_world()
+    ms = {key: statistics.median(v) * 1000 for key, v in times.items()}
+    for part in ["next_batch", *loops["plain_loop"], "step"]:
+        values = {name: round(ms.get((name, part), 0.0), 2) for name in loops}
+        print(json.dumps({"figure": "step_part_ms", "part": part, **values, "steps": args.steps, **common}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each (after a warm-up of 10)")
@@ -176,6 +235,7 @@ def main() -> None:
     parser.add_argument("--throughput", metavar="PRESET", help="time only the trainer's step for this preset")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch of --throughput (default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for the MFU")
+    parser.add_argument("--breakdown", action="store_true", help="time each part of a step alone, ours vs plain")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     common = {
@@ -195,6 +255,9 @@ def main() -> None:
         data = f"{tmp}/ds"
         write_data(data, BATCH * 24)
         config = bench_config(args, f"{tmp}/run", data, BATCH)
+        if args.breakdown:
+            breakdown(args, config, common)
+            return
         loops = {
             "sit_train": Ours(config, args.device),
             "plain_loop": Plain(config, args.device, args.precision, args.compile),
