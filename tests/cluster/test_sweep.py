@@ -119,18 +119,10 @@ def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_di
 
     import numpy as np
 
-    from cluster.sweep import Point, Row, _sample_here, _sample_on_ray, parse_samplers
+    from cluster.sweep import Row, _sample_here, _sample_on_ray, parse_samplers
     from sampling.generate import ModelSource
-    from tests.sampling.conftest import TINY, tiny_sit
-    from trainer.config import preset
-    from trainer.export import save_export
 
-    export = tmp_path / "point" / "train" / "ema.safetensors"
-    export.parent.mkdir(parents=True)
-    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
-    config = preset("tiny-cpu")
-    config.run_dir = str(export.parent)
-    point = Point({}, config, "point", tmp_path / "point")
+    export, point = exported_point(tmp_path)
     sampler = parse_samplers("sde:linear", 4)[0]
     args = argparse.Namespace(
         vae=str(tiny_vae_dir), num_samples=12, sample_seed=3, batch_size=5, inception=None, address=ray_address
@@ -152,20 +144,13 @@ def test_fid_path_samples_the_same_latents_and_scores_them_like_sit_eval(tmp_pat
     import numpy as np
     import torch
 
-    from cluster.sweep import Point, Row, parse_samplers, sample_row
+    from cluster.sweep import Row, parse_samplers, sample_row
     from sampling.evaluate import evaluate
-    from tests.sampling.conftest import TINY, InceptionStandIn, tiny_sit
-    from trainer.config import preset
-    from trainer.export import save_export
+    from tests.sampling.conftest import InceptionStandIn
 
     inception_standin = tmp_path / "inception.pt"
     torch.jit.script(InceptionStandIn()).save(str(inception_standin))
-    export = tmp_path / "point" / "train" / "ema.safetensors"
-    export.parent.mkdir(parents=True)
-    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
-    config = preset("tiny-cpu")
-    config.run_dir = str(export.parent)
-    point = Point({}, config, "point", tmp_path / "point")
+    _, point = exported_point(tmp_path)
     sampler = parse_samplers("ode", 3)[0]
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8))
@@ -183,3 +168,18 @@ def test_fid_path_samples_the_same_latents_and_scores_them_like_sit_eval(tmp_pat
     assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
     expected = evaluate(str(rows["fid"].dir / "samples.npz"), str(ref), str(inception_standin), progress=False).fid
     assert with_fid["fid"] == pytest.approx(expected) and with_fid["fid"] > 0
+
+
+def exported_point(tmp_path):
+    """A sweep point whose training is done: a tiny SiT's EMA export in its run directory."""
+    from cluster.sweep import Point
+    from tests.sampling.conftest import TINY, tiny_sit
+    from trainer.config import preset
+    from trainer.export import save_export
+
+    export = tmp_path / "point" / "train" / "ema.safetensors"
+    export.parent.mkdir(parents=True)
+    save_export(str(export), tiny_sit().state_dict(), TINY, {"step": 0})
+    config = preset("tiny-cpu")
+    config.run_dir = str(export.parent)
+    return export, Point({}, config, "point", tmp_path / "point")
