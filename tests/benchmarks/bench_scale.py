@@ -14,8 +14,11 @@ subprocess, so that peak RSS (ru_maxrss) is its own:
   `LatentLoader`), first-batch time, and the index memory of the rank: VmRSS with the rank's
   per-sample index for epoch 0 loaded (`LatentDataset.load_rows` for its streams, what its
   iteration loads; before issue 15 the whole index, loaded at construction) minus VmRSS before
-  (after the imports and a first batch of a 128-sample dataset, which brings in every lazy import
-  and pool), both after returning freed memory to the system (`settled_rss_mib`); and the bytes
+  (after the imports and a first batch of a 2-shard dataset with shards of the measured size,
+  which brings in every lazy import and grows arrow's pool and the parquet decoder's buffers to
+  one row group's size: a fixed cost of ~2 MiB per process at 8192 samples per shard, whatever
+  the dataset and world size), both after returning freed memory to the system
+  (`settled_rss_mib`); and the bytes
   the index holds, exactly (``index_held_mib``: tracemalloc's count of numpy and Python
   allocations plus arrow's allocated bytes), which has none of the allocators' page noise.
   ``--arrow-pool system`` gives arrow glibc's malloc in the reader processes (mimalloc, its
@@ -238,7 +241,7 @@ def main() -> None:
         tmp = tempfile.mkdtemp(prefix="sit-bench-scale-", dir=args.workdir)
         try:
             url, warm = f"{tmp}/ds", f"{tmp}/warm"
-            fast_shards.write_dataset(warm, 4 * BATCH, BATCH)
+            fast_shards.write_dataset(warm, 2 * PER_SHARD, PER_SHARD)  # row groups as large as the measured ones
             emit("writer", n, run_child(["write", url, str(n)]))
             if not args.skip_verify:
                 emit("verify", n, run_child(["verify", url, str(args.verify_workers)]), workers=args.verify_workers)

@@ -1,7 +1,12 @@
 """The reader at 200,000 samples: elastic resume from 4 ranks to 2 consumes the epoch exactly
-once, and each rank (each worker) loads only the sample rows of its own streams' shards."""
+once, and each rank (each worker) loads only the sample rows of its own streams' shards; no
+reader process imports `pyarrow.dataset`."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from latents.writer import write_shard
 from tests.latents import fast_shards
 
 N, PER_SHARD, GLOBAL, STREAMS, SEED = 200_000, 2_000, 64, 8, 5
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fast_shards_are_the_writers_bytes(tmp_path):
@@ -87,3 +93,22 @@ def test_a_rank_loads_only_its_streams_rows(big):
         loaded = len(rows.labels)
         assert loaded <= N / world + 2 * PER_SHARD, (world, loaded)  # its slice, plus the shards cut at its ends
         assert loaded >= N // GLOBAL * GLOBAL / world
+
+
+def test_reading_never_imports_pyarrow_dataset(tmp_path):
+    """Every rank and DataLoader worker opens the index and reads rows: through `pq.read_table`
+    (which imports `pyarrow.dataset`) each process grew by ~5 MiB of imports and ~2 MiB of arrow's
+    pool that it never gave back, at any dataset size and world size."""
+    url = str(tmp_path / "ds")
+    fast_shards.write_dataset(url, 256, 64)
+    code = (
+        "import sys\n"
+        "from latents.reader import LatentDataset, LatentLoader\n"
+        f"batch = next(iter(LatentLoader(LatentDataset({url!r}, 32, rank=1, world_size=2, seed=0))))\n"
+        "assert batch['latents'].shape[0] == 32\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pyarrow.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    modules = done.stdout.strip()
+    assert "pyarrow.parquet" in modules  # the check sees what the reader imports
+    assert "pyarrow.dataset" not in modules, modules
