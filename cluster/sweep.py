@@ -20,10 +20,15 @@ Layout of --out (nothing is shared between different configs: folders are named 
 
 Rerunning the same command skips every finished row (its result.json exists) and trains only
 unfinished points; a half-trained point resumes through the trainer's own checkpoint resume, a
-half-sampled one through the sample job's committed chunks. Training runs one point at a time
-on this machine (`python -m trainer.train`). Sampling uses `sit sample`'s own generator and
-sample plan: in this process by default, or as `sit sample`'s Ray job on the cluster at
---address (the same samples either way: sample i depends on the seed and i alone).
+half-sampled one through the sample job's committed chunks.
+
+Where it runs. By default every point trains on this machine, one after the other
+(`python -m trainer.train`), and samples in this process. With --address, every point's
+training is a Ray task on that cluster (--train-gpus per point, torchrun when more than one), so
+the points train side by side, as many at once as the cluster has room for; each point is
+sampled with `sit sample`'s Ray job once its training is done. A point's model is the same
+either way, and so are its samples: sample i depends on the seed and i alone. On a multi-node
+cluster --out must be a filesystem that every node mounts (the points' run folders live there).
 """
 
 from __future__ import annotations
@@ -159,6 +164,11 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
 
     if args.run_dir:
         raise SweepUsageError("--run-dir", "each point trains in its own folder under --out")
+    for flag, value in (("--train-gpus", args.train_gpus), ("--train-cpus", args.train_cpus)):
+        if value is not None and not args.address:
+            raise SweepUsageError(flag, "needs --address: without a Ray cluster the points train here, one at a time")
+        if value is not None and value < (0 if flag == "--train-gpus" else 1e-9):
+            raise SweepUsageError(flag, f"must be {'>= 0' if flag == '--train-gpus' else '> 0'}, not {value}")
     if bool(args.inception) != bool(args.ref):
         raise SweepUsageError("--inception" if args.ref else "--ref", "FID needs both --inception and --ref")
     grid = list(PAPER_GRID) if args.paper else []
@@ -181,7 +191,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     if not base_config.data.url:
         raise SweepUsageError("--data", "the latent dataset is required (--data URL or --set data.url=URL)")
     points = []
-    out = Path(args.out)
+    out = Path(args.out).absolute()  # Ray workers start elsewhere; the hashes exclude run_dir
     for combo in itertools.product(*(values for _, values in grid)):
         values = dict(zip((k for k, _ in grid), combo, strict=True))
         try:
@@ -250,8 +260,9 @@ class TrainFailed(RuntimeError):
     """The trainer of one point failed; the sweep goes on with the other points."""
 
 
-def train_point(point: Point) -> float | None:
-    """Train ``point`` with `python -m trainer.train` unless its EMA export exists; seconds or None."""
+def train_point(point: Point, procs: int = 1) -> float | None:
+    """Train ``point`` with `python -m trainer.train` (`cluster.torchrun` with ``procs`` ranks when
+    more than one) unless its EMA export exists; seconds, or None if it was already trained."""
     from trainer.config import TrainConfig
 
     config: TrainConfig = point.config
@@ -263,6 +274,8 @@ def train_point(point: Point) -> float | None:
     _publish(point.dir / "config.json", config.to_dict())  # the exact resolved config, fed back with --config
     # the file holds every key, so the preset below it changes nothing
     command = [sys.executable, "-m", "trainer.train", "--preset", "tiny-cpu"]
+    if procs > 1:
+        command[1:2] = ["-m", "cluster.torchrun", "--standalone", f"--nproc-per-node={procs}", "-m"]
     command += ["--config", str(point.dir / "config.json")]
     start = time.perf_counter()
     with open(point.dir / "train.log", "a") as out:
@@ -272,6 +285,43 @@ def train_point(point: Point) -> float | None:
         tail = (point.dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise TrainFailed(f"exit code {code}: {tail[0]} (log: {point.dir / 'train.log'})")
     return time.perf_counter() - start
+
+
+def _train_task(point: Point, procs: int) -> tuple[float | None, str]:
+    """`train_point` in a Ray task: (seconds or None, "") or (None, why it failed)."""
+    try:
+        return train_point(point, procs), ""
+    except TrainFailed as err:
+        return None, str(err)
+
+
+def start_trainings_on_ray(points: list[Point], args: argparse.Namespace) -> dict:
+    """Every point's training as a Ray task on the cluster at --address, all submitted at once:
+    they run side by side as the cluster's CPUs and GPUs allow. Returns {point key: object ref}."""
+    import ray
+
+    from pipeline.ray_jobs import connect, worker_env
+
+    connect(args.address)
+    gpus = args.train_gpus if args.train_gpus is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
+    env = worker_env()  # endpoints and regions, never secrets
+    task = ray.remote(_train_task).options(
+        num_cpus=args.train_cpus or 1, num_gpus=gpus, runtime_env={"env_vars": env} if env else None, max_retries=0
+    )  # not retried by Ray, as the jobs' actors are not: rerunning the sweep resumes a failed point
+    return {p.key: task.remote(p, max(1, gpus)) for p in points}
+
+
+def wait_for_training(ref) -> float | None:
+    """The seconds of a point's training on Ray (None: already trained); `TrainFailed` if it failed."""
+    import ray
+
+    try:
+        seconds, error = ray.get(ref)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+        raise TrainFailed(f"its Ray task failed: {' '.join(str(err).split())[:300]}") from None
+    if error:
+        raise TrainFailed(error)
+    return seconds
 
 
 def sample_row(row: Row, args: argparse.Namespace, reference) -> float:
@@ -393,12 +443,16 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
         f"{len(todo)} samplings to run"
     )
     references: dict[str, object] = {}  # data URL -> its reference latents (a --grid may vary data.url)
+    on_ray = start_trainings_on_ray(to_train, args) if args.address and to_train else {}
+    if on_ray:
+        log(f"{len(on_ray)} trainings submitted to the Ray cluster at {args.address}; they run side by side")
     for i, point in enumerate(to_train, 1):
         rows = [r for r in todo if r.point is point]
         name = ", ".join(f"{k}={v}" for k, v in point.values.items()) or "base config"
-        log(f"point {i}/{len(to_train)} [{point.key}] {name}: training {point.config.total_steps} steps")
+        where = " (on Ray)" if on_ray else ""
+        log(f"point {i}/{len(to_train)} [{point.key}] {name}: training {point.config.total_steps} steps{where}")
         try:
-            seconds = train_point(point)
+            seconds = wait_for_training(on_ray[point.key]) if on_ray else train_point(point)
         except TrainFailed as err:
             log(f"    training failed, skipping its {len(rows)} samplings: {err}")
             for row in rows:
@@ -513,7 +567,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--inception", help="TorchScript Inception file: also compute FID (needs --ref)")
     g.add_argument("--ref", help="reference for FID: images or an npz with mu/sigma (as `sit eval`)")
-    g.add_argument("--address", help="Ray cluster: sample as `sit sample`'s Ray job there (default: in this process)")
+    g = p.add_argument_group("where it runs")
+    g.add_argument(
+        "--address",
+        help="Ray cluster (e.g. auto): train every point as a Ray task there, side by side, and sample with "
+        "`sit sample`'s Ray job (default: train one point at a time and sample, all on this machine)",
+    )
+    g.add_argument(
+        "--train-gpus",
+        type=int,
+        metavar="N",
+        help="with --address: GPUs per point's training, torchrun with N ranks when N > 1 "
+        "(default: 1 if the cluster has GPUs, else 0)",
+    )
+    g.add_argument(
+        "--train-cpus",
+        type=float,
+        metavar="N",
+        help="with --address: CPUs Ray reserves per point's training (default: 1)",
+    )
     p.set_defaults(func=sweep)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cluster.cli import main
@@ -88,6 +90,8 @@ def test_two_point_sweep_reports_and_resumes(sweep_args, capsys):
         (["--set", "optim.lrr=1"], "--set"),
         (["--paper", "--grid", "transport.path_type=Linear"], "--grid"),
         (["--inception", "x.pt"], "--ref"),
+        (["--train-gpus", "1"], "--train-gpus"),  # without --address
+        (["--address", "auto", "--train-cpus", "0"], "--train-cpus"),
     ],
 )
 def test_bad_grid_or_sampler_is_one_line_exit_2(tmp_path, tiny_vae_dir, capsys, extra, flag):
@@ -134,6 +138,35 @@ def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_di
     here, _ = _sample_here(rows[0], args, source)
     on_ray, _ = _sample_on_ray(rows[1], args, source)
     assert here.shape == (12, 4, 8, 8) and np.array_equal(here, on_ray)
+
+
+@pytest.mark.slow
+def test_points_train_side_by_side_on_ray_to_the_same_model_as_here(sweep_args, ray_address):
+    """--address submits every point's training as a Ray task at once; each point's EMA equals the
+    one trained here (one at a time), and a failed training is that point's error, not the sweep's."""
+    from safetensors.torch import load_file
+
+    from cluster.cli import build_parser
+    from cluster.sweep import TrainFailed, plan_sweep, start_trainings_on_ray, train_point, wait_for_training
+
+    argv, out = sweep_args
+    grid = ["--grid", "transport.path_type=Linear,GVP"]
+    here = plan_sweep(build_parser().parse_args([*argv, *grid, "--out", str(out / "here")]))
+    ray_args = build_parser().parse_args([*argv, *grid, "--address", ray_address, "--train-cpus", "0.5"])
+    on_ray = plan_sweep(ray_args)
+    broken = plan_sweep(build_parser().parse_args([*argv, "--data", str(out / "missing"), "--address", ray_address]))
+    refs = start_trainings_on_ray(on_ray.points + broken.points, ray_args)  # 3 tasks at once on 2 CPUs
+    assert train_point(here.points[0]) is not None
+    seconds = [wait_for_training(refs[p.key]) for p in on_ray.points]
+    assert all(s is not None and s > 0 for s in seconds)
+    with pytest.raises(TrainFailed, match="exit code"):
+        wait_for_training(refs[broken.points[0].key])
+
+    ema = [load_file(str(Path(p.config.run_dir) / "ema.safetensors")) for p in (here.points[0], *on_ray.points)]
+    assert here.points[0].key == on_ray.points[0].key and here.points[0].dir != on_ray.points[0].dir
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    assert not all(torch.equal(ema[1][k], ema[2][k]) for k in ema[1])  # GVP is another model
+    assert wait_for_training(start_trainings_on_ray(on_ray.points[:1], ray_args)[on_ray.points[0].key]) is None
 
 
 def test_fid_path_samples_the_same_latents_and_scores_them_like_sit_eval(tmp_path, tiny_vae_dir):
