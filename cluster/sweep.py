@@ -233,6 +233,7 @@ class Progress:
         self.file = open(out / "sweep.log", "a")  # noqa: SIM115 - kept open for the run
         self.left = {"train": trains, "sample": samples}
         self.spent: dict[str, list[float]] = {"train": [], "sample": []}
+        self.parallel_trainings = False
 
     def __call__(self, message: str) -> None:
         line = f"[{self.elapsed():7.1f}s] {message}"
@@ -249,11 +250,15 @@ class Progress:
             self.spent[kind].append(seconds)
 
     def eta(self) -> str:
+        """The time left if everything left runs one after the other; with trainings on Ray (side by
+        side, ``parallel_trainings``) only the samplings are counted, and the line says so."""
+        left = {k: n for k, n in self.left.items() if not (k == "train" and self.parallel_trainings)}
         known = {k: sum(v) / len(v) for k, v in self.spent.items() if v}
-        if any(self.left[k] and k not in known for k in self.left):
-            return "ETA after the first training and sampling"
-        seconds = sum(known.get(k, 0.0) * n for k, n in self.left.items())
-        return f"ETA {seconds / 60:.1f} min"
+        missing = [("training", "sampling")[k == "sample"] for k, n in left.items() if n and k not in known]
+        if missing:
+            return "ETA after the first " + " and ".join(missing)
+        seconds = sum(known.get(k, 0.0) * n for k, n in left.items())
+        return f"ETA {seconds / 60:.1f} min" + " of the samplings (trainings run on Ray)" * self.parallel_trainings
 
 
 class TrainFailed(RuntimeError):
@@ -446,6 +451,7 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> dict:
     on_ray = start_trainings_on_ray(to_train, args) if args.address and to_train else {}
     if on_ray:
         log(f"{len(on_ray)} trainings submitted to the Ray cluster at {args.address}; they run side by side")
+        log.parallel_trainings = True
     for i, point in enumerate(to_train, 1):
         rows = [r for r in todo if r.point is point]
         name = ", ".join(f"{k}={v}" for k, v in point.values.items()) or "base config"

@@ -216,3 +216,17 @@ def exported_point(tmp_path):
     config = preset("tiny-cpu")
     config.run_dir = str(export.parent)
     return export, Point({}, config, "point", tmp_path / "point")
+
+
+def test_eta_counts_trainings_only_when_they_run_one_after_the_other(tmp_path):
+    from cluster.sweep import Progress
+
+    for on_ray in (False, True):
+        log = Progress(tmp_path, trains=3, samples=6)
+        log.parallel_trainings = on_ray
+        first = "sampling" if on_ray else "training and sampling"
+        assert log.eta() == f"ETA after the first {first}"
+        log.done("train", 60.0)
+        log.done("sample", 6.0)
+        # left: 2 trainings (2 min, one after the other) and 5 samplings (0.5 min)
+        assert log.eta() == ("ETA 0.5 min of the samplings (trainings run on Ray)" if on_ray else "ETA 2.5 min")
