@@ -26,9 +26,11 @@ Where it runs. By default every point trains on this machine, one after the othe
 (`python -m trainer.train`), and samples in this process. With --address, every point's
 training is a Ray task on that cluster (--train-gpus per point, torchrun when more than one), so
 the points train side by side, as many at once as the cluster has room for; each point is
-sampled with `sit sample`'s Ray job once its training is done. A point's model is the same
-either way, and so are its samples: sample i depends on the seed and i alone. On a multi-node
-cluster --out must be a filesystem that every node mounts (the points' run folders live there).
+sampled with `sit sample`'s Ray job once its training is done. A point trains in the sweep's
+working directory either way (relative paths mean the same), to the same model on the same kind
+of device, ranks and threads (Ray gives a task OMP_NUM_THREADS = its --train-cpus); sample i
+depends on the seed and i alone. On a multi-node cluster, --out and the working directory must
+be on a filesystem that every node mounts (the points' run folders live there).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     for flag, value in (("--train-gpus", args.train_gpus), ("--train-cpus", args.train_cpus)):
         if value is not None and not args.address:
             raise SweepUsageError(flag, "needs --address: without a Ray cluster the points train here, one at a time")
-        if value is not None and value < (0 if flag == "--train-gpus" else 1e-9):
+        if value is not None and not (value >= 0 if flag == "--train-gpus" else value > 0):
             raise SweepUsageError(flag, f"must be {'>= 0' if flag == '--train-gpus' else '> 0'}, not {value}")
     if bool(args.inception) != bool(args.ref):
         raise SweepUsageError("--inception" if args.ref else "--ref", "FID needs both --inception and --ref")
@@ -265,9 +267,19 @@ class TrainFailed(RuntimeError):
     """The trainer of one point failed; the sweep goes on with the other points."""
 
 
-def train_point(point: Point, procs: int = 1) -> float | None:
-    """Train ``point`` with `python -m trainer.train` (`cluster.torchrun` with ``procs`` ranks when
-    more than one) unless its EMA export exists; seconds, or None if it was already trained."""
+def train_command(point: Point, procs: int = 1) -> list[str]:
+    """`python -m trainer.train` on the point's config.json, or `cluster.torchrun` with ``procs``
+    ranks on this node when more than one."""
+    # config.json holds every key, so the preset below it changes nothing
+    trainer = ["-m", "trainer.train", "--preset", "tiny-cpu", "--config", str(point.dir / "config.json")]
+    if procs > 1:
+        return [sys.executable, "-m", "cluster.torchrun", "--standalone", f"--nproc-per-node={procs}", *trainer]
+    return [sys.executable, *trainer]
+
+
+def train_point(point: Point, procs: int = 1, cwd: str | None = None) -> float | None:
+    """Train ``point`` (`train_command`, in ``cwd``: where relative paths of its config are) unless
+    its EMA export exists; seconds, or None if it was already trained."""
     from trainer.config import TrainConfig
 
     config: TrainConfig = point.config
@@ -277,27 +289,29 @@ def train_point(point: Point, procs: int = 1) -> float | None:
     point.dir.mkdir(parents=True, exist_ok=True)
     _publish(point.dir / "point.json", {"values": point.values, "config_hash": point.key})
     _publish(point.dir / "config.json", config.to_dict())  # the exact resolved config, fed back with --config
-    # the file holds every key, so the preset below it changes nothing
-    command = [sys.executable, "-m", "trainer.train", "--preset", "tiny-cpu"]
-    if procs > 1:
-        command[1:2] = ["-m", "cluster.torchrun", "--standalone", f"--nproc-per-node={procs}", "-m"]
-    command += ["--config", str(point.dir / "config.json")]
     start = time.perf_counter()
     with open(point.dir / "train.log", "a") as out:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(train_command(point, procs), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        code = code.returncode
     if code != 0 or not export.exists():
         tail = (point.dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise TrainFailed(f"exit code {code}: {tail[0]} (log: {point.dir / 'train.log'})")
     return time.perf_counter() - start
 
 
-def _train_task(point: Point, procs: int) -> tuple[float | None, str]:
-    """`train_point` in a Ray task: (seconds or None, "") or (None, why it failed)."""
+def _train_task(point: Point, procs: int, cwd: str) -> tuple[float | None, str]:
+    """`train_point` in a Ray task, in the sweep's working directory ``cwd`` (relative --data or
+    --set paths mean the same as on the driver): (seconds or None, "") or (None, why it failed)."""
+    if not os.path.isdir(cwd):
+        return None, (
+            f"the sweep's working directory {cwd} is not on node {platform.node()}: "
+            "run the sweep from a folder every node mounts"
+        )
     try:
-        return train_point(point, procs), ""
-    except TrainFailed as err:
-        return None, str(err)
+        return train_point(point, procs, cwd), ""
+    except (TrainFailed, OSError) as err:  # OSError: e.g. --out not writable on that node
+        return None, str(err) if isinstance(err, TrainFailed) else f"{type(err).__name__}: {err}"
 
 
 def start_trainings_on_ray(points: list[Point], args: argparse.Namespace) -> dict:
@@ -309,11 +323,21 @@ def start_trainings_on_ray(points: list[Point], args: argparse.Namespace) -> dic
 
     connect(args.address)
     gpus = args.train_gpus if args.train_gpus is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
+    cpus = args.train_cpus or 1.0
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if not any(n.get("GPU", 0) >= gpus and n.get("CPU", 0) >= cpus for n in nodes):
+        most = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        flag = "--train-gpus" if gpus > most.get("GPU", 0) else "--train-cpus"
+        raise SweepUsageError(
+            flag,
+            f"no node of the Ray cluster at {args.address} has {gpus} GPUs and {cpus:g} CPUs free to give "
+            f"one training (the largest has {most.get('GPU', 0):g} GPUs and {most.get('CPU', 0):g} CPUs)",
+        )
     env = worker_env()  # endpoints and regions, never secrets
     task = ray.remote(_train_task).options(
-        num_cpus=args.train_cpus or 1, num_gpus=gpus, runtime_env={"env_vars": env} if env else None, max_retries=0
+        num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env} if env else None, max_retries=0
     )  # not retried by Ray, as the jobs' actors are not: rerunning the sweep resumes a failed point
-    return {p.key: task.remote(p, max(1, gpus)) for p in points}
+    return {p.key: task.remote(p, max(1, gpus), os.getcwd()) for p in points}
 
 
 def wait_for_training(ref) -> float | None:
@@ -322,8 +346,11 @@ def wait_for_training(ref) -> float | None:
 
     try:
         seconds, error = ray.get(ref)
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-        raise TrainFailed(f"its Ray task failed: {' '.join(str(err).split())[:300]}") from None
+    except ray.exceptions.RayError as err:  # the task's worker or node died, out of memory, ...
+        cause = getattr(err, "cause", None) or err
+        raise TrainFailed(
+            f"its Ray task failed: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+        ) from None
     if error:
         raise TrainFailed(error)
     return seconds
@@ -520,7 +547,11 @@ def sweep(args: argparse.Namespace) -> int:
             print(f"{row.point.key}/{row.key}  {row.point.values}  {row.sampler.label}")
         return 0
     set_torch_threads()
-    report = run_sweep(args, plan)
+    try:
+        report = run_sweep(args, plan)
+    except SweepUsageError as err:  # what the Ray cluster cannot give (--train-gpus, --train-cpus)
+        print(f"sit sweep: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     return 0 if all(r["latent_fd"] is not None for r in report["rows"]) else 1
 
 

@@ -141,32 +141,60 @@ def test_ray_sampling_draws_the_same_latents_as_in_process(tmp_path, tiny_vae_di
 
 
 @pytest.mark.slow
-def test_points_train_side_by_side_on_ray_to_the_same_model_as_here(sweep_args, ray_address):
-    """--address submits every point's training as a Ray task at once; each point's EMA equals the
-    one trained here (one at a time), and a failed training is that point's error, not the sweep's."""
+def test_points_train_side_by_side_on_ray_to_the_same_model_as_here(sweep_args, ray_address, capsys, monkeypatch):
+    """--address submits every point's training as a Ray task at once: they overlap in time, each
+    point's EMA equals the one trained here, a failed training is that point's error, and a
+    request no node can meet is one line, exit 2. Relative paths mean what they mean on the driver."""
     from safetensors.torch import load_file
 
     from cluster.cli import build_parser
     from cluster.sweep import TrainFailed, plan_sweep, start_trainings_on_ray, train_point, wait_for_training
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray gives a 1-CPU task: the same threads here
     argv, out = sweep_args
-    grid = ["--grid", "transport.path_type=Linear,GVP"]
-    here = plan_sweep(build_parser().parse_args([*argv, *grid, "--out", str(out / "here")]))
-    ray_args = build_parser().parse_args([*argv, *grid, "--address", ray_address, "--train-cpus", "0.5"])
-    on_ray = plan_sweep(ray_args)
-    broken = plan_sweep(build_parser().parse_args([*argv, "--data", str(out / "missing"), "--address", ray_address]))
-    refs = start_trainings_on_ray(on_ray.points + broken.points, ray_args)  # 3 tasks at once on 2 CPUs
-    assert train_point(here.points[0]) is not None
-    seconds = [wait_for_training(refs[p.key]) for p in on_ray.points]
-    assert all(s is not None and s > 0 for s in seconds)
-    with pytest.raises(TrainFailed, match="exit code"):
-        wait_for_training(refs[broken.points[0].key])
+    monkeypatch.chdir(out.parent)  # not the Ray workers' directory: a relative --data must still be found
+    grid = ["--grid", "transport.path_type=Linear,GVP", "--data", "ds"]
+    ray_argv = [*argv, *grid, "--address", ray_address, "--train-cpus", "0.5"]
+    assert main(ray_argv) == 0
+    log = capsys.readouterr().out
+    assert "2 trainings submitted to the Ray cluster" in log and log.count("steps (on Ray)") == 2
+    assert "of the samplings (trainings run on Ray)" in log and "2 of 2 rows (0 reused, 0 failed)" in log
 
-    ema = [load_file(str(Path(p.config.run_dir) / "ema.safetensors")) for p in (here.points[0], *on_ray.points)]
-    assert here.points[0].key == on_ray.points[0].key and here.points[0].dir != on_ray.points[0].dir
+    on_ray = plan_sweep(build_parser().parse_args(ray_argv)).points
+    started = [(p.dir / "point.json").stat().st_mtime for p in on_ray]
+    ended = [(Path(p.config.run_dir) / "ema.safetensors").stat().st_mtime for p in on_ray]
+    assert max(started) < min(ended)  # side by side, not one after the other
+
+    here = plan_sweep(build_parser().parse_args([*argv, *grid, "--out", str(out.parent / "here")])).points[0]
+    assert here.key == on_ray[0].key and here.dir != on_ray[0].dir
+    assert train_point(here) is not None
+    ema = [load_file(str(Path(p.config.run_dir) / "ema.safetensors")) for p in (here, *on_ray)]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     assert not all(torch.equal(ema[1][k], ema[2][k]) for k in ema[1])  # GVP is another model
-    assert wait_for_training(start_trainings_on_ray(on_ray.points[:1], ray_args)[on_ray.points[0].key]) is None
+
+    broken_args = build_parser().parse_args([*ray_argv, "--data", str(out / "missing")])
+    (broken,) = [p for p in plan_sweep(broken_args).points if p.values["transport.path_type"] == "Linear"]
+    with pytest.raises(TrainFailed, match=r"exit code 1: .*missing"):
+        wait_for_training(start_trainings_on_ray([broken], broken_args)[broken.key])
+
+    assert main([*ray_argv, "--grid", "optim.lr=5e-4", "--train-gpus", "1"]) == 2  # new points, on a CPU cluster
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --train-gpus: no node of the Ray cluster" in err, err
+
+
+def test_a_point_on_several_gpus_is_started_by_torchrun_with_that_many_ranks(tmp_path):
+    from torch.distributed.run import get_args_parser
+
+    from cluster.sweep import Point, train_command
+
+    point = Point({}, None, "abc", tmp_path / "points" / "abc")
+    one = train_command(point)
+    assert one[1:] == ["-m", "trainer.train", "--preset", "tiny-cpu", "--config", str(point.dir / "config.json")]
+    four = train_command(point, 4)
+    assert four[1:3] == ["-m", "cluster.torchrun"]
+    launch = get_args_parser().parse_args(four[3:])  # what torchrun's own parser makes of the rest
+    assert launch.standalone and launch.nproc_per_node == "4" and launch.module
+    assert [launch.training_script, *launch.training_script_args] == one[2:]
 
 
 def test_fid_path_samples_the_same_latents_and_scores_them_like_sit_eval(tmp_path, tiny_vae_dir):
