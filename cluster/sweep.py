@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -277,6 +278,27 @@ def train_command(point: Point, procs: int = 1) -> list[str]:
     return [sys.executable, *trainer]
 
 
+def end_with_parent() -> None:
+    """Run in a child between fork and exec: Linux sends it SIGTERM when the process that started
+    it dies, even by SIGKILL (a Ray worker killed for memory, a driver killed outright). The
+    trainer takes SIGTERM as preemption: it checkpoints and exits 75. Without this it would
+    train on as an orphan while a rerun of the sweep starts a second trainer in its folder."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = _libc_prctl()
+
+
 def train_point(point: Point, procs: int = 1, cwd: str | None = None) -> float | None:
     """Train ``point`` (`train_command`, in ``cwd``: where relative paths of its config are) unless
     its EMA export exists; seconds, or None if it was already trained."""
@@ -292,8 +314,11 @@ def train_point(point: Point, procs: int = 1, cwd: str | None = None) -> float |
     start = time.perf_counter()
     with open(point.dir / "train.log", "a") as out:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        code = subprocess.run(train_command(point, procs), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        code = code.returncode
+        command = train_command(point, procs)
+        done = subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=end_with_parent
+        )
+        code = done.returncode
     if code != 0 or not export.exists():
         tail = (point.dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise TrainFailed(f"exit code {code}: {tail[0]} (log: {point.dir / 'train.log'})")

@@ -258,3 +258,44 @@ def test_eta_counts_trainings_only_when_they_run_one_after_the_other(tmp_path):
         log.done("sample", 6.0)
         # left: 2 trainings (2 min, one after the other) and 5 samplings (0.5 min)
         assert log.eta() == ("ETA 0.5 min of the samplings (trainings run on Ray)" if on_ray else "ETA 2.5 min")
+
+
+def test_a_trainer_gets_sigterm_when_the_process_that_started_it_is_killed(tmp_path):
+    """`end_with_parent` (what train_point starts the trainer with): a parent killed outright (a Ray
+    worker killed for memory) takes its trainer down with SIGTERM, the trainer's "checkpoint and
+    exit 75", instead of leaving it to train on beside a rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready, termed = tmp_path / "ready", tmp_path / "termed"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(termed)!r}).touch(), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).write_text(str(__import__('os').getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        "from cluster.sweep import end_with_parent\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=end_with_parent)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while not termed.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert termed.exists(), "the child did not get SIGTERM when its parent was killed"
+    finally:
+        proc.kill()
+        if ready.exists() and not termed.exists():
+            os.kill(int(ready.read_text()), signal.SIGKILL)
