@@ -355,8 +355,8 @@ def start_trainings_on_ray(points: list[Point], args: argparse.Namespace) -> dic
         flag = "--train-gpus" if gpus > most.get("GPU", 0) else "--train-cpus"
         raise SweepUsageError(
             flag,
-            f"no node of the Ray cluster at {args.address} has {gpus} GPUs and {cpus:g} CPUs free to give "
-            f"one training (the largest has {most.get('GPU', 0):g} GPUs and {most.get('CPU', 0):g} CPUs)",
+            f"no node of the Ray cluster at {args.address} has {gpus} GPUs and {cpus:g} CPUs for one training "
+            f"(the largest has {most.get('GPU', 0):g} GPUs and {most.get('CPU', 0):g} CPUs)",
         )
     env = worker_env()  # endpoints and regions, never secrets
     task = ray.remote(_train_task).options(
