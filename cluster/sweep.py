@@ -369,13 +369,12 @@ def wait_for_training(ref) -> float | None:
     """The seconds of a point's training on Ray (None: already trained); `TrainFailed` if it failed."""
     import ray
 
+    from pipeline.ray_jobs import ray_error_cause
+
     try:
         seconds, error = ray.get(ref)
     except ray.exceptions.RayError as err:  # the task's worker or node died, out of memory, ...
-        cause = getattr(err, "cause", None) or err
-        raise TrainFailed(
-            f"its Ray task failed: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
-        ) from None
+        raise TrainFailed(f"its Ray task failed: {' '.join(ray_error_cause(err).split())[:300]}") from None
     if error:
         raise TrainFailed(error)
     return seconds

@@ -97,3 +97,10 @@ def worker_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k.startswith(WORKER_ENV_PREFIXES) and not any(word in k for word in SECRET_WORDS)
     }
+
+
+def ray_error_cause(err: BaseException) -> str:
+    """``Type: message`` of what failed inside a Ray task or actor method: a RayTaskError's
+    original exception (not Ray's wrapper, whose text starts with its traceback), else ``err``."""
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {cause}"

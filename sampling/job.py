@@ -24,7 +24,7 @@ from latents.artifacts import Kind, require_output
 from latents.storage import Root
 from latents.threads import set_torch_threads
 from latents.words import plural
-from pipeline.ray_jobs import NO_RESTARTS, connect, worker_env
+from pipeline.ray_jobs import NO_RESTARTS, connect, ray_error_cause, worker_env
 from sampling.generate import Generator, ModelSource, NonFiniteSamplesError
 from sampling.options import SamplerOptions, SamplingUsageError
 from sampling.output import (
@@ -231,8 +231,7 @@ def _sample_chunks(
             try:
                 stats = ray.get(ready[0])
             except ray.exceptions.RayTaskError as err:
-                cause = err.cause if getattr(err, "cause", None) is not None else err
-                failed.append(f"{chunk_name(c)}: {type(cause).__name__}: {cause}")
+                failed.append(f"{chunk_name(c)}: {ray_error_cause(err)}")
             except ray.exceptions.RayActorError as err:
                 raise SampleJobError(f"a sampling worker died while on {chunk_name(c)}: {err}") from None
             else:
